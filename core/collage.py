@@ -11,8 +11,7 @@ readers can build a collage step by step and report every problem at once.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Union
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -58,7 +57,7 @@ class Layer:
 class LayerGroup:
     """A group of layers as documents have them; `flatten_layers` turns a tree into a stack."""
 
-    children: list[Union[Layer, "LayerGroup"]]
+    children: list[Layer | LayerGroup]
     name: str = ""
     visible: bool = True
     opacity: float = 1.0
@@ -131,15 +130,18 @@ class Collage:
         _check_number(problems, "strength", self.strength, 0.0, 1.0)
         if self.scheduler not in SCHEDULERS:
             problems.append(f"scheduler: must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        problems += _background_problems(self.background, self.width, self.height)
+        if _is_int(self.width) and _is_int(self.height):
+            problems += _background_problems(self.background, self.width, self.height)
 
         visible = self.visible_layers()
         if not self.layers:
             problems.append("layers: a collage needs at least one layer")
         elif not visible:
             problems.append("layers: every layer is hidden or fully transparent")
+        # Placement on the canvas is only checked against a canvas size that is itself valid.
+        canvas = (self.width, self.height) if _is_int(self.width) and _is_int(self.height) else None
         for index, layer in enumerate(self.layers):
-            problems += _layer_problems(layer, f"layers[{index}]", self.width, self.height)
+            problems += _layer_problems(layer, f"layers[{index}]", canvas)
         if problems:
             raise CollageError(problems)
 
@@ -159,7 +161,9 @@ def _background_problems(background: object, width: int, height: int) -> list[st
     if isinstance(background, np.ndarray):
         shape_ok = background.ndim == 3 and background.shape[2] in (3, 4)
         if background.dtype != np.uint8 or not shape_ok:
-            return [f"background: must be an 8-bit RGB or RGBA image, got {background.dtype} {background.shape}"]
+            return [
+                f"background: must be an 8-bit RGB or RGBA image, got {background.dtype} {background.shape}"
+            ]
         if background.shape[:2] != (height, width):
             return [
                 f"background: image is {background.shape[1]}×{background.shape[0]},"
@@ -175,7 +179,7 @@ def _background_problems(background: object, width: int, height: int) -> list[st
     return [f"background: must be an RGB colour (three values 0..255) or an image, got {background!r}"]
 
 
-def _layer_problems(layer: Layer, where: str, width: int, height: int) -> list[str]:
+def _layer_problems(layer: Layer, where: str, canvas: tuple[int, int] | None) -> list[str]:
     problems: list[str] = []
     label = f"{where} ({layer.name or layer.text!r})" if (layer.name or layer.text) else where
     if not isinstance(layer.text, str) or not layer.text.strip():
@@ -194,7 +198,8 @@ def _layer_problems(layer: Layer, where: str, width: int, height: int) -> list[s
         or not all(_is_int(v) for v in layer.offset)
     ):
         problems.append(f"{label}.offset: must be two whole numbers (x, y), got {layer.offset!r}")
-    elif image is not None and layer.visible:
+    elif image is not None and layer.visible and canvas is not None:
+        width, height = canvas
         x, y = layer.offset
         h, w = image.shape[:2]
         if x >= width or y >= height or x + w <= 0 or y + h <= 0:

@@ -1,0 +1,149 @@
+"""`collage`: generate from a layered document on the command line.
+
+    collage generate INPUT -o OUT.png [--model demo] [--steps 30] [--seed 0] [--variants 1]
+    collage inspect INPUT
+
+INPUT is an OpenRaster .ora (Krita saves these), a .psd, or a folder with collage.toml/json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .collage import SCHEDULERS, CollageError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="collage", description="Collage Diffusion: layers in, one image out."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate an image from a layered document")
+    gen.add_argument("input", type=Path, help=".ora, .psd, or a folder with collage.toml / collage.json")
+    gen.add_argument(
+        "-o", "--output", type=Path, required=True, help="result .png (or .ora: input layers + result)"
+    )
+    gen.add_argument(
+        "--model", default="demo", help="'demo', a hub id, a diffusers folder or a .safetensors/.ckpt file"
+    )
+    gen.add_argument(
+        "--model-config", help="for a single-file model: a diffusers folder or hub id with its config"
+    )
+    gen.add_argument("--prompt", help="full-image prompt (default: the document's, or the layer texts)")
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--strength", type=float, help="SDEdit strength for layers that set none, 0..1")
+    gen.add_argument("--guidance", type=float, dest="guidance_scale")
+    gen.add_argument("--scheduler", choices=SCHEDULERS)
+    gen.add_argument("--variants", type=int, default=1, help="number of images, seeds seed, seed+1, ...")
+    gen.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+
+    ins = commands.add_parser("inspect", help="show how a document is read as a collage")
+    ins.add_argument("input", type=Path)
+    return parser
+
+
+def _apply_overrides(collage, args) -> None:
+    for field in ("prompt", "negative_prompt", "steps", "seed", "strength", "guidance_scale", "scheduler"):
+        value = getattr(args, field, None)
+        if value is not None:
+            setattr(collage, field, value)
+
+
+def _variant_paths(output: Path, seeds: list[int]) -> list[Path]:
+    if len(seeds) == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-seed{s}{output.suffix}") for s in seeds]
+
+
+def _inspect(args) -> int:
+    from .formats import load_collage
+
+    doc = load_collage(args.input)
+    c = doc.collage
+    print(f"{args.input}: {c.width}×{c.height}, prompt {c.prompt!r}")
+    print(f"  seed {c.seed}, steps {c.steps}, guidance {c.guidance_scale}, strength {c.strength}")
+    for i, layer in enumerate(c.layers):
+        h, w = layer.image.shape[:2]
+        print(
+            f"  [{i}] {layer.text!r}: {w}×{h} at {layer.offset}, opacity {layer.opacity:.2f},"
+            f" strength {c.layer_strength(layer):.2f}, attention {layer.attention_weight:g},"
+            f" control {layer.control_weight:g}, appearance {'on' if layer.appearance else 'off'}"
+        )
+    for warning in doc.warnings:
+        print(f"  note: {warning}")
+    c.validate()
+    return 0
+
+
+def _generate(args) -> int:
+    from tqdm import tqdm
+
+    from .formats import load_collage, save_ora, save_png
+    from .generate import generate
+    from .models import load_pipeline
+
+    doc = load_collage(args.input)
+    for warning in doc.warnings:
+        print(f"note: {warning}", file=sys.stderr)
+    collage = doc.collage
+    _apply_overrides(collage, args)
+    if args.variants < 1:
+        raise CollageError(["--variants: must be at least 1"])
+    suffix = args.output.suffix.lower()
+    if suffix not in (".png", ".ora"):
+        raise CollageError([f"--output: must end in .png or .ora, got {args.output.name!r}"])
+    collage.validate()  # before loading a model: a bad document should fail in a second
+
+    print(f"loading model {args.model!r}…", file=sys.stderr)
+    model = load_pipeline(args.model, device=args.device, config=args.model_config)
+    bar = tqdm(total=collage.steps, unit="step", desc="sampling")
+
+    def on_progress(p) -> None:
+        if p.phase == "sampling":
+            bar.total = p.total
+            bar.n = p.step
+            batch, batches = p.variant_batch
+            bar.set_description(f"sampling {batch + 1}/{batches}" if batches > 1 else "sampling")
+            bar.refresh()
+
+    try:
+        result = generate(model, collage, variants=args.variants, progress=on_progress)
+    finally:
+        bar.close()
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".ora":
+        results = [(f"collage result (seed {img.seed})", img.image) for img in result.images]
+        save_ora(args.output, doc.tree, collage.width, collage.height, results=results, collage=collage)
+        print(f"wrote {args.output} ({len(results)} result layer(s) on top of the input layers)")
+    else:
+        paths = _variant_paths(args.output, [img.seed for img in result.images])
+        for path, img in zip(paths, result.images, strict=True):
+            save_png(path, img.image)
+            print(f"wrote {path} (seed {img.seed})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return _inspect(args) if args.command == "inspect" else _generate(args)
+    except (CollageError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

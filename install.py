@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Set up Collage Diffusion: a virtual environment with the right PyTorch build and the project.
+
+    python3 install.py            set up (or update) the environment in .venv
+    python3 install.py --demo     set up, then generate an image from examples/bento on the demo model
+    python3 install.py --test     set up with the test tools, then run the linter and the test suite
+
+Runs on the Python that starts it (3.10+), standard library only, on Linux, Windows and macOS.
+Re-running is safe: an existing environment is reused and only what is missing is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+TORCH_VERSION = "2.13.0"  # the release the project is tested with
+TORCH_INDEX = "https://download.pytorch.org/whl"
+
+
+def venv_python(env: Path) -> Path:
+    return env / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def run(cmd: list[str], **kwargs) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, **kwargs)
+
+
+def has_nvidia_gpu() -> bool:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return False
+    try:
+        return subprocess.run([smi, "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def torch_install_args(choice: str) -> list[str]:
+    """pip arguments for the PyTorch build that fits this machine (or the one asked for)."""
+    spec = f"torch=={TORCH_VERSION}"
+    if choice == "auto":
+        if sys.platform == "darwin":
+            choice = "default"  # PyPI's macOS wheels include the MPS (Apple GPU) backend
+        elif has_nvidia_gpu():
+            choice = "cuda"
+        else:
+            choice = "cpu"
+    if choice == "cuda":
+        # PyPI's Linux wheel is the CUDA build; on Windows PyPI only has the CPU build.
+        return [spec] if sys.platform.startswith("linux") else [spec, "--index-url", f"{TORCH_INDEX}/cu128"]
+    if choice == "rocm":
+        return [spec, "--index-url", f"{TORCH_INDEX}/rocm6.4"]
+    if choice == "cpu":
+        # The CPU index avoids the multi-GB CUDA download on Linux; pip's configured
+        # extra indexes and find-links still apply, so offline mirrors work too.
+        return [spec] if sys.platform in ("darwin", "win32") else [spec, "--index-url", f"{TORCH_INDEX}/cpu"]
+    return [spec]
+
+
+def torch_installed(python: Path) -> bool:
+    probe = f"import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '{TORCH_VERSION}' else 1)"
+    return subprocess.run([str(python), "-c", probe], capture_output=True).returncode == 0
+
+
+def setup(env: Path, torch_choice: str, test: bool) -> Path:
+    if sys.version_info < (3, 10):  # noqa: UP036 - install.py may be started by an old Python
+        sys.exit(f"Python 3.10 or newer is needed, this is {platform.python_version()}")
+    python = venv_python(env)
+    if not python.exists():
+        print(f"creating virtual environment {env}")
+        venv.EnvBuilder(with_pip=True).create(env)
+    pip = [python, "-m", "pip", "--disable-pip-version-check"]
+    if torch_choice != "skip" and not torch_installed(python):
+        run([*pip, "install", *torch_install_args(torch_choice)])
+    extras = "[test]" if test else ""
+    run([*pip, "install", "-e", f"{ROOT}{extras}"])
+    return python
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--venv", type=Path, default=ROOT / ".venv", help="where the environment lives")
+    parser.add_argument(
+        "--torch",
+        default=os.environ.get("COLLAGE_TORCH", "auto"),
+        choices=["auto", "cpu", "cuda", "rocm", "default", "skip"],
+        help="which PyTorch build to install (auto: CUDA with an NVIDIA GPU, MPS on macOS, else CPU)",
+    )
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--demo", action="store_true", help="then generate examples/bento on the demo model")
+    action.add_argument("--test", action="store_true", help="then run ruff and the test suite")
+    args, rest = parser.parse_known_args()
+
+    python = setup(args.venv.resolve(), args.torch, test=args.test)
+    if args.demo:
+        out = ROOT / "out" / "bento.png"
+        run([python, "-m", "core.cli", "generate", ROOT / "examples" / "bento", "-o", out, *rest], cwd=ROOT)
+        print(f"\nDone: open {out}")
+    elif args.test:
+        run([python, "-m", "ruff", "check", "."], cwd=ROOT)
+        run([python, "-m", "ruff", "format", "--check", "."], cwd=ROOT)
+        run([python, "-m", "pytest", *rest], cwd=ROOT)
+    else:
+        print(f"\nReady. Python environment: {args.venv}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except subprocess.CalledProcessError as error:
+        sys.exit(error.returncode or 1)
