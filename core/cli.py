@@ -108,8 +108,8 @@ def _generate(args) -> int:
         if p.phase == "sampling":
             bar.total = p.total
             bar.n = p.step
-            batch, batches = p.variant_batch
-            bar.set_description(f"sampling {batch + 1}/{batches}" if batches > 1 else "sampling")
+            done, asked = p.variants
+            bar.set_description(f"sampling from variant {done + 1}/{asked}" if asked > 1 else "sampling")
             bar.refresh()
 
     try:

@@ -99,6 +99,7 @@ class Collage:
     strength: float = 0.75  # SDEdit strength for the background and layers that set none
     model: str | None = None  # model reference; None = whatever the runner was started with
     scheduler: str = "default"
+    feather_px: int = 4  # blend width inside the border of regenerated regions (paste-back)
     # The canvas under the layers: an RGB colour, or an RGB/RGBA image of the canvas size.
     background: RGB | np.ndarray = (255, 255, 255)
 
@@ -128,6 +129,8 @@ class Collage:
             problems.append(f"steps: must be a whole number in 1..1000, got {self.steps!r}")
         _check_number(problems, "guidance_scale", self.guidance_scale, 0.0, 100.0)
         _check_number(problems, "strength", self.strength, 0.0, 1.0)
+        if not _is_int(self.feather_px) or not 0 <= self.feather_px <= 64:
+            problems.append(f"feather_px: must be a whole number in 0..64, got {self.feather_px!r}")
         if self.scheduler not in SCHEDULERS:
             problems.append(f"scheduler: must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if _is_int(self.width) and _is_int(self.height):

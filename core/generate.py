@@ -8,6 +8,7 @@ can hook into each step. Progress is reported per step and cancellation checked 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,10 +17,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .collage import Collage
-from .compositing import composite
+from .collage import Collage, CollageError
+from .compositing import CompositeResult, composite
 from .schedulers import make_scheduler
-from .tokens import token_spans
+from .strength import StrengthPlan, paste_back, plan_strength, region_mask, strength_map
+from .tokens import TokenSpans, token_spans
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class Progress:
     phase: str  # "encoding", "sampling", "decoding"
     step: int
     total: int
-    variant_batch: tuple[int, int] = (0, 1)  # (index of the batch of variants, number of batches)
+    variants: tuple[int, int] = (0, 1)  # (variants finished before this batch, variants asked for)
     preview: Callable[[], np.ndarray] | None = None
 
 
@@ -55,11 +57,59 @@ class GeneratedImage:
 
 
 @dataclass
+class Regenerate:
+    """Regenerate one layer of a previous result: only that layer's (dilated) region changes."""
+
+    base_image: np.ndarray  # (H, W, 3 or 4) uint8: the previous result
+    layer_index: int  # index into `Collage.layers`
+    dilation_px: int = 8  # how far around the layer's visible pixels may change
+
+
+@dataclass
 class GenerationResult:
     images: list[GeneratedImage]
-    composite: np.ndarray  # (H, W, 3) uint8: the collage flattened, the SDEdit starting point
+    composite: np.ndarray  # (H, W, 3) uint8: the starting image (the flattened collage, or for a
+    # regenerate the base with the layer put over it); pixels of strength 0 are these exactly
     prompt: str  # the prompt as encoded (layer texts missing from it are appended)
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepContext:
+    """What a sampler hook sees at one denoising step."""
+
+    index: int  # position in the steps actually run (0 = first)
+    timestep: torch.Tensor
+    sigma: float  # noise level sqrt((1 - alpha_bar_t) / alpha_bar_t) of this timestep
+
+
+@dataclass
+class SamplingSetup:
+    """What hooks are built from: the flattened collage, token spans and the loaded model."""
+
+    collage: Collage
+    flat: CompositeResult
+    spans: TokenSpans
+    model: object  # core.models.LoadedModel
+    latent_size: tuple[int, int]
+
+
+class SamplerHook(Protocol):
+    """One Collage Diffusion piece that acts on the U-Net during sampling (e.g. masked attention).
+
+    `installed` is a context manager that changes the shared model for one generation and
+    restores it on exit, also on error or cancel; `on_step` runs before each U-Net call.
+    """
+
+    def installed(self, unet): ...
+
+    def on_step(self, step: StepContext) -> None: ...
+
+
+def timestep_sigma(scheduler, timestep: torch.Tensor) -> float:
+    """The noise level of a (discrete) timestep, from the scheduler's own alphas."""
+    alpha_bar = scheduler.alphas_cumprod[int(round(float(timestep)))].item()
+    return ((1.0 - alpha_bar) / alpha_bar) ** 0.5
 
 
 # Approximate linear map from SD1.x/2.x latents to RGB, for cheap previews without the VAE.
@@ -103,14 +153,19 @@ def generate(
     *,
     variants: int = 1,
     seeds: list[int] | None = None,
+    regenerate: Regenerate | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelFlag | None = None,
-    max_batch: int = 4,
+    max_batch: int | None = None,
+    hooks: list[Callable[[SamplingSetup], SamplerHook | None]] | None = None,
 ) -> GenerationResult:
     """Generate `variants` images from the collage with `model` (a `core.models.LoadedModel`).
 
-    Variant k uses seed ``collage.seed + k`` unless `seeds` gives them. Raises `CollageError` for a
-    collage that cannot be generated and `GenerationCancelled` when `cancel` is set.
+    Variant k uses seed ``collage.seed + k`` unless `seeds` gives them. Each region starts
+    denoising at its own layer's strength; strength-0 pixels come back byte-identical. With
+    `regenerate`, only that layer's region of the base image changes. Raises `CollageError` for
+    a collage that cannot be generated and `GenerationCancelled` when `cancel` is set. `hooks`
+    are builders of extra sampler hooks (each may return None when it has nothing to do).
     """
     collage.validate()
     if seeds is None:
@@ -121,12 +176,22 @@ def generate(
     pipe, device, dtype = model.pipeline, model.device, model.dtype
 
     flat = composite(collage)
+    if regenerate is None:
+        start_image, pixel_strength = flat.image, strength_map(collage, flat)
+    else:
+        start_image, pixel_strength = _regenerate_start(collage, flat, regenerate)
     spans = token_spans(pipe.tokenizer, collage.prompt, [layer.text for layer in flat.layers])
     warnings = [
         f"the words of layer '{flat.layers[i].text}' fall past the text encoder's"
         f" {pipe.tokenizer.model_max_length}-token limit and are ignored; shorten the prompt"
         for i in spans.truncated
     ]
+    factor = pipe.vae_scale_factor
+    latent_size = (collage.height // factor, collage.width // factor)
+    plan = plan_strength(pixel_strength, latent_size, collage.steps, collage.feather_px)
+    if plan.first >= collage.steps:  # every strength is 0: nothing to regenerate
+        images = [GeneratedImage(start_image.copy(), s) for s in seeds]
+        return GenerationResult(images, start_image, spans.prompt, warnings)
 
     report(Progress("encoding", 0, 1))
     _check_cancel(cancel)
@@ -135,58 +200,162 @@ def generate(
         spans.prompt, device, 1, do_cfg, negative_prompt=collage.negative_prompt or None
     )
     scaling = pipe.vae.config.scaling_factor
-    z0 = pipe.vae.encode(image_to_tensor(flat.image, device, dtype)).latent_dist.mode() * scaling
+    z0 = pipe.vae.encode(image_to_tensor(start_image, device, dtype)).latent_dist.mode() * scaling
 
-    # SDEdit: start partway down the schedule, at the step that matches the strength.
     scheduler = make_scheduler(collage.scheduler, pipe.scheduler)
-    scheduler.set_timesteps(collage.steps, device=device)
-    n_start = min(int(collage.steps * collage.strength), collage.steps)  # as diffusers img2img
-    first = (collage.steps - n_start) * scheduler.order
-    timesteps = scheduler.timesteps[first:]
-
+    setup = SamplingSetup(collage, flat, spans, model, latent_size)
+    active = [hook for build in (hooks or []) if (hook := build(setup)) is not None]
+    run = _SamplingRun(pipe, collage, scheduler, plan, z0, cond, uncond, active, report, cancel)
+    batch_size = max_batch or auto_batch_size(len(seeds), latent_size, device, do_cfg)
     images: list[GeneratedImage] = []
-    batches = [seeds[i : i + max_batch] for i in range(0, len(seeds), max_batch)]
-    for b, batch_seeds in enumerate(batches):
-        if len(timesteps) == 0:  # strength 0: nothing is regenerated
-            images += [GeneratedImage(flat.image.copy(), s) for s in batch_seeds]
-            continue
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_timesteps(collage.steps, device=device)  # reset multistep state per batch
-            scheduler.set_begin_index(first)
-        n = len(batch_seeds)
-        noise = seed_noise(batch_seeds, tuple(z0.shape[1:])).to(device=device, dtype=dtype)
-        latents = scheduler.add_noise(z0.expand(n, -1, -1, -1), noise, timesteps[:1].repeat(n))
-        embeds = (
-            torch.cat([uncond.expand(n, -1, -1), cond.expand(n, -1, -1)])
-            if do_cfg
-            else cond.expand(n, -1, -1)
+    with contextlib.ExitStack() as stack:
+        for hook in active:
+            stack.enter_context(hook.installed(pipe.unet))
+        pending = list(seeds)
+        while pending:
+            batch_seeds = pending[:batch_size]
+            try:
+                decoded = run.sample(batch_seeds, (len(images), len(seeds)))
+            except torch.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                batch_size = max(1, batch_size // 2)  # the estimate was too hopeful: halve, retry
+                log.warning("out of GPU memory; generating %d variant(s) at a time", batch_size)
+                _free_device_memory(device)
+                continue
+            pending = pending[len(batch_seeds) :]
+            images += [
+                GeneratedImage(paste_back(img, start_image, plan.paste_weights), s)
+                for img, s in zip(decoded, batch_seeds, strict=True)
+            ]
+    for w in warnings:
+        log.warning(w)
+    return GenerationResult(images=images, composite=start_image, prompt=spans.prompt, warnings=warnings)
+
+
+def _regenerate_start(
+    collage: Collage, flat: CompositeResult, regen: Regenerate
+) -> tuple[np.ndarray, np.ndarray]:
+    """The start image (the layer put over the base) and the strength map (the layer's strength
+    on its dilated visible region, 0 elsewhere) of a regenerate."""
+    base = regen.base_image
+    problems = []
+    if (
+        not isinstance(base, np.ndarray)
+        or base.dtype != np.uint8
+        or base.ndim != 3
+        or base.shape[2] not in (3, 4)
+    ):
+        problems.append("regenerate.base_image: must be an 8-bit RGB or RGBA image")
+    elif base.shape[:2] != (collage.height, collage.width):
+        problems.append(
+            f"regenerate.base_image: is {base.shape[1]}×{base.shape[0]}, the canvas is {collage.width}×{collage.height}"
         )
+    k = regen.layer_index
+    if not isinstance(k, int) or not 0 <= k < len(collage.layers):
+        problems.append(f"regenerate.layer_index: must be in 0..{len(collage.layers) - 1}, got {k!r}")
+    elif not any(layer is collage.layers[k] for layer in flat.layers):
+        problems.append(f"regenerate.layer_index: layer {k} ('{collage.layers[k].text}') is hidden")
+    if not isinstance(regen.dilation_px, int) or not 0 <= regen.dilation_px <= 256:
+        problems.append(
+            f"regenerate.dilation_px: must be a whole number in 0..256, got {regen.dilation_px!r}"
+        )
+    if problems:
+        raise CollageError(problems)
+    index = next(i for i, layer in enumerate(flat.layers) if layer is collage.layers[k])
+    layer, mask = flat.layers[index], flat.masks.layers[index]
+    from .compositing import place_layer
+
+    placed = place_layer(layer, collage.width, collage.height)
+    start = base[..., :3].astype(np.float32) * (1.0 - mask[..., None]) + placed.rgb * 255.0 * mask[..., None]
+    start = np.clip(np.rint(start), 0, 255).astype(np.uint8)
+    region = region_mask(mask, regen.dilation_px)
+    return start, region.astype(np.float32) * np.float32(collage.layer_strength(layer))
+
+
+# Rough activation memory of one image in a U-Net batch, per latent pixel (SD1.5, fp16, SDPA).
+_BYTES_PER_LATENT_PIXEL = 150_000
+
+
+def auto_batch_size(n: int, latent_size: tuple[int, int], device: torch.device, cfg: bool) -> int:
+    """How many variants to denoise at once: what fits in free GPU memory (estimated; an
+    out-of-memory error halves it), and a few at a time on CPU where batching gains little."""
+    if device.type != "cuda":
+        return min(n, 4)
+    free, _total = torch.cuda.mem_get_info(device)
+    per_image = latent_size[0] * latent_size[1] * _BYTES_PER_LATENT_PIXEL * (2 if cfg else 1)
+    return max(1, min(n, int(free * 0.8) // per_image))
+
+
+def _free_device_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class _SamplingRun:
+    """The denoising loop of one generation, run once per batch of variant seeds."""
+
+    pipe: object
+    collage: Collage
+    scheduler: object
+    plan: StrengthPlan
+    z0: torch.Tensor  # the start image's latents (1, C, h, w)
+    cond: torch.Tensor
+    uncond: torch.Tensor | None  # None when guidance is off
+    hooks: list[SamplerHook]
+    report: ProgressCallback
+    cancel: CancelFlag | None
+
+    def sample(self, seeds: list[int], done: tuple[int, int]) -> list[np.ndarray]:
+        """Denoise one batch; returns the decoded images (before paste-back)."""
+        pipe, scheduler, z0, plan = self.pipe, self.scheduler, self.z0, self.plan
+        scaling = pipe.vae.config.scaling_factor
+        scheduler.set_timesteps(self.collage.steps, device=z0.device)  # fresh multistep state
+        order = scheduler.order
+        timesteps = scheduler.timesteps[plan.first * order :]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(plan.first * order)
+        n = len(seeds)
+        noise = seed_noise(seeds, tuple(z0.shape[1:])).to(device=z0.device, dtype=z0.dtype)
+        start = z0.expand(n, -1, -1, -1)
+        latents = scheduler.add_noise(start, noise, timesteps[:1].repeat(n))
+        # Per latent pixel, the first step index that denoises it (algorithm.md §4).
+        start_index = (
+            None if plan.is_uniform else torch.from_numpy(plan.start_index).to(z0.device)[None, None]
+        )
+        embeds = self.cond.expand(n, -1, -1)
+        if self.uncond is not None:
+            embeds = torch.cat([self.uncond.expand(n, -1, -1), embeds])
 
         for i, t in enumerate(timesteps):
-            _check_cancel(cancel)
-            model_input = torch.cat([latents] * 2) if do_cfg else latents
+            _check_cancel(self.cancel)
+            if start_index is not None and i > 0:
+                # Regions that have not started yet are held at the composite noised to this step.
+                waiting = start_index > plan.first + i // order
+                latents = torch.where(waiting, scheduler.add_noise(start, noise, t.repeat(n)), latents)
+            step = StepContext(i, t, timestep_sigma(scheduler, t))
+            for hook in self.hooks:
+                hook.on_step(step)
+            model_input = torch.cat([latents] * 2) if self.uncond is not None else latents
             model_input = scheduler.scale_model_input(model_input, t)
             noise_pred = pipe.unet(model_input, t, encoder_hidden_states=embeds).sample
-            if do_cfg:
+            if self.uncond is not None:
                 pred_uncond, pred_cond = noise_pred.chunk(2)
-                noise_pred = pred_uncond + collage.guidance_scale * (pred_cond - pred_uncond)
+                noise_pred = pred_uncond + self.collage.guidance_scale * (pred_cond - pred_uncond)
             latents = scheduler.step(noise_pred, t, latents).prev_sample
-            current = latents
-            report(
+            self.report(
                 Progress(
                     "sampling",
                     i + 1,
                     len(timesteps),
-                    (b, len(batches)),
-                    preview=lambda current=current: latent_preview(current / scaling),
+                    done,
+                    preview=lambda current=latents: latent_preview(current / scaling),
                 )
             )
+        if start_index is not None:
+            latents = torch.where(start_index >= self.collage.steps, start, latents)  # never started
 
-        _check_cancel(cancel)
-        report(Progress("decoding", 0, 1, (b, len(batches))))
-        decoded = pipe.vae.decode(latents / scaling).sample
-        images += [GeneratedImage(img, s) for img, s in zip(tensor_to_images(decoded), batch_seeds, strict=True)]
-
-    for w in warnings:
-        log.warning(w)
-    return GenerationResult(images=images, composite=flat.image, prompt=spans.prompt, warnings=warnings)
+        _check_cancel(self.cancel)
+        self.report(Progress("decoding", 0, 1, done))
+        return tensor_to_images(pipe.vae.decode(latents / scaling).sample)

@@ -1,0 +1,91 @@
+"""Time of `core.generate` next to stock diffusers img2img on the same model, size, steps, strength.
+
+    python benchmarks/bench_generate.py [--model demo] [--size 128] [--steps 20] [--strength 0.75] [--repeats 3]
+
+Both start from the same composite, with one image, guidance on, on the same device; the
+ratio (ours / stock, median of the repeats after one warm-up each) is what counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline
+from PIL import Image
+
+from core.collage import Collage, Layer
+from core.compositing import composite
+from core.generate import generate
+from core.models import load_pipeline
+
+
+def bench_collage(size: int, steps: int, strength: float, n_layers: int = 4) -> Collage:
+    rng = np.random.default_rng(0)
+    layers = []
+    for i in range(n_layers):
+        w, h = (int(v) for v in rng.integers(size // 4, size // 2, size=2))
+        img = np.zeros((h, w, 4), np.uint8)
+        img[..., :3] = rng.integers(0, 256, size=3)
+        img[..., 3] = 255
+        offset = tuple(int(v) for v in rng.integers(0, size - size // 2, size=2))
+        layers.append(Layer(f"object {i}", img, offset=offset))
+    return Collage(
+        prompt="a photo of " + ", ".join(layer.text for layer in layers),
+        layers=layers,
+        width=size,
+        height=size,
+        steps=steps,
+        strength=strength,
+    )
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--strength", type=float, default=0.75)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    model = load_pipeline(args.model)
+    collage = bench_collage(args.size, args.steps, args.strength)
+    stock = StableDiffusionImg2ImgPipeline(**model.pipeline.components)
+    stock.set_progress_bar_config(disable=True)
+    init = Image.fromarray(composite(collage).image)
+    prompt = generate(model, collage).prompt  # the prompt as ours encodes it
+
+    def run_stock():
+        stock(
+            prompt,
+            image=init,
+            strength=collage.strength,
+            num_inference_steps=collage.steps,
+            guidance_scale=collage.guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(0),
+        )
+
+    ours = timed(lambda: generate(model, collage), args.repeats)
+    theirs = timed(run_stock, args.repeats)
+    print(f"model {args.model} on {model.device}, {args.size}², {args.steps} steps, strength {args.strength}")
+    print(f"collage generate : {ours * 1000:8.1f} ms")
+    print(f"diffusers img2img: {theirs * 1000:8.1f} ms")
+    print(f"ratio (ours / stock): {ours / theirs:.3f}")
+
+
+if __name__ == "__main__":
+    main()
