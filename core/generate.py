@@ -331,8 +331,9 @@ class _SamplingRun:
         for i, t in enumerate(timesteps):
             _check_cancel(self.cancel)
             if start_index is not None and i > 0:
-                # Regions that have not started yet are held at the composite noised to this step.
-                waiting = start_index > plan.first + i // order
+                # Regions that have not started yet, or start at this step, enter it as the
+                # composite noised to this step (for the latter that is exactly SDEdit's start).
+                waiting = start_index >= plan.first + i // order
                 latents = torch.where(waiting, scheduler.add_noise(start, noise, t.repeat(n)), latents)
             step = StepContext(i, t, timestep_sigma(scheduler, t))
             for hook in self.hooks:

@@ -70,7 +70,9 @@ def test_cancel_stops_within_one_step(demo_pipeline):
                 cancel.set()
 
     with pytest.raises(GenerationCancelled):
-        generate(demo_pipeline, two_layer_collage(steps=10, strength=1.0), progress=on_progress, cancel=cancel)
+        generate(
+            demo_pipeline, two_layer_collage(steps=10, strength=1.0), progress=on_progress, cancel=cancel
+        )
     assert steps_seen == [1, 2]
 
 

@@ -17,7 +17,9 @@ def words_at(tokenizer, prompt, positions):
 
 
 def test_single_and_multi_token_texts(tokenizer):
-    result = token_spans(tokenizer, "a photo of salmon sushi and sliced ginger", ["salmon sushi", "sliced ginger"])
+    result = token_spans(
+        tokenizer, "a photo of salmon sushi and sliced ginger", ["salmon sushi", "sliced ginger"]
+    )
     assert result.prompt == "a photo of salmon sushi and sliced ginger"
     # 0 is the start token; "a photo of" are 1..3.
     assert result.spans == [[4, 5], [7, 8]]

@@ -1,0 +1,87 @@
+"""`collage generate` on each input format, end to end on the demo model."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.cli import main
+from core.formats import load_collage
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def small_psd(path: Path) -> Path:
+    from psd_tools import PSDImage
+    from psd_tools.api.layers import PixelLayer
+
+    psd = PSDImage.new("RGBA", (64, 64))
+    for name, color, (x, y) in [
+        ("a red ball", (220, 30, 30), (4, 4)),
+        ("a blue box", (30, 30, 220), (30, 28)),
+    ]:
+        img = np.zeros((24, 24, 4), np.uint8)
+        img[...] = (*color, 255)
+        PixelLayer.frompil(Image.fromarray(img), psd, name=name, top=y, left=x)
+    psd.save(path)
+    return path
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    folder = shutil.copytree(EXAMPLES / "bento", tmp_path / "bento")
+    return {"folder": folder, "ora": EXAMPLES / "room.ora", "psd": small_psd(tmp_path / "scene.psd")}
+
+
+@pytest.mark.parametrize("kind", ["folder", "ora", "psd"])
+def test_generate_png_from_each_format(demo_model_dir, inputs, tmp_path, kind, capsys):
+    out = tmp_path / "out" / "result.png"
+    code = main(["generate", str(inputs[kind]), "-o", str(out), "--steps", "3", "--seed", "5"])
+    assert code == 0, capsys.readouterr().err
+    image = np.asarray(Image.open(out))
+    doc = load_collage(inputs[kind])
+    assert image.shape == (doc.collage.height, doc.collage.width, 3)
+    assert "seed 5" in capsys.readouterr().out
+
+
+def test_variants_write_one_png_per_seed(demo_model_dir, inputs, tmp_path):
+    out = tmp_path / "v.png"
+    assert (
+        main(
+            ["generate", str(inputs["psd"]), "-o", str(out), "--steps", "2", "--seed", "9", "--variants", "2"]
+        )
+        == 0
+    )
+    first, second = (np.asarray(Image.open(tmp_path / f"v-seed{s}.png")) for s in (9, 10))
+    assert not np.array_equal(first, second)
+
+
+def test_ora_output_keeps_input_layers_and_adds_results_on_top(demo_model_dir, inputs, tmp_path):
+    out = tmp_path / "room-result.ora"
+    assert main(["generate", str(inputs["ora"]), "-o", str(out), "--steps", "2", "--variants", "2"]) == 0
+    before, after = load_collage(inputs["ora"]), load_collage(out)
+    # Results are marked as such and are not read back as collage layers.
+    assert [layer.text for layer in after.collage.layers] == [layer.text for layer in before.collage.layers]
+    for a, b in zip(before.collage.layers, after.collage.layers, strict=True):
+        assert np.array_equal(a.image, b.image) and a.offset == b.offset
+    result_names = [node.name for node in after.tree if "result" in node.name]
+    assert len(result_names) == 2
+
+
+def test_bad_input_is_a_clear_error_and_writes_nothing(demo_model_dir, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert main(["generate", str(tmp_path / "missing.ora"), "-o", str(out)]) == 2
+    assert "missing.ora" in capsys.readouterr().err
+    assert main(["generate", str(EXAMPLES / "room.ora"), "-o", str(tmp_path / "x.jpg")]) == 2
+    assert "--output: must end in .png or .ora" in capsys.readouterr().err
+    assert main(["generate", str(EXAMPLES / "room.ora"), "-o", str(out), "--strength", "2"]) == 2
+    assert "strength: must be in 0..1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_inspect_lists_layers(capsys):
+    assert main(["inspect", str(EXAMPLES / "room.ora")]) == 0
+    text = capsys.readouterr().out
+    assert "'a red armchair'" in text and "256×256" in text
