@@ -43,14 +43,16 @@ def bench_collage(size: int, steps: int, strength: float, n_layers: int = 4) -> 
     )
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed_pair(first, second, repeats: int) -> tuple[float, float]:
+    """Median seconds of each, measured alternately so background load hits both alike."""
+    first(), second()  # warm-up
+    a, b = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, times in ((first, a), (second, b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(a), statistics.median(b)
 
 
 def main() -> None:
@@ -59,7 +61,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--strength", type=float, default=0.75)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
     model = load_pipeline(args.model)
@@ -79,8 +81,7 @@ def main() -> None:
             generator=torch.Generator("cpu").manual_seed(0),
         )
 
-    ours = timed(lambda: generate(model, collage), args.repeats)
-    theirs = timed(run_stock, args.repeats)
+    ours, theirs = timed_pair(lambda: generate(model, collage), run_stock, args.repeats)
     print(f"model {args.model} on {model.device}, {args.size}², {args.steps} steps, strength {args.strength}")
     print(f"collage generate : {ours * 1000:8.1f} ms")
     print(f"diffusers img2img: {theirs * 1000:8.1f} ms")
