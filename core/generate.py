@@ -98,7 +98,9 @@ class SamplerHook(Protocol):
     """One Collage Diffusion piece that acts on the U-Net during sampling (e.g. masked attention).
 
     `installed` is a context manager that changes the shared model for one generation and
-    restores it on exit, also on error or cancel; `on_step` runs before each U-Net call.
+    restores it on exit, also on error or cancel; `on_step` runs before each U-Net call. A hook
+    may also define `unet_kwargs(model_input, timestep, embeds) -> dict` to pass extra
+    arguments to that U-Net call (ControlNet residuals, for instance).
     """
 
     def installed(self, unet): ...
@@ -340,7 +342,11 @@ class _SamplingRun:
                 hook.on_step(step)
             model_input = torch.cat([latents] * 2) if self.uncond is not None else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise_pred = pipe.unet(model_input, t, encoder_hidden_states=embeds).sample
+            extra = {}
+            for hook in self.hooks:
+                if hasattr(hook, "unet_kwargs"):
+                    extra.update(hook.unet_kwargs(model_input, t, embeds))
+            noise_pred = pipe.unet(model_input, t, encoder_hidden_states=embeds, **extra).sample
             if self.uncond is not None:
                 pred_uncond, pred_cond = noise_pred.chunk(2)
                 noise_pred = pred_uncond + self.collage.guidance_scale * (pred_cond - pred_uncond)

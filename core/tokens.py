@@ -54,13 +54,47 @@ def locate_texts(prompt: str, texts: list[str]) -> tuple[str, list[tuple[int, in
     return prompt, ranges  # type: ignore[return-value]
 
 
-def token_spans(tokenizer, prompt: str, texts: list[str]) -> TokenSpans:
+def insert_prefixes(
+    prompt: str, ranges: list[tuple[int, int]], prefixes: list[str | None]
+) -> tuple[str, list[tuple[int, int]]]:
+    """Put each layer's prefix (e.g. its learned appearance token) just before its words; the
+    returned ranges cover prefix and words, so the prefix joins the layer's token span.
+
+    Layers sharing one occurrence (more same-named layers than occurrences) share its first
+    layer's prefix and range.
+    """
+    by_start: dict[int, int] = {}  # occurrence start -> first layer placed there
+    for i in sorted(range(len(ranges)), key=lambda i: ranges[i][0]):
+        by_start.setdefault(ranges[i][0], i)
+    pieces, cursor, shift = [], 0, 0
+    placed: dict[int, tuple[int, int]] = {}
+    for start, i in sorted(by_start.items()):
+        end = ranges[i][1]
+        pieces.append(prompt[cursor:start])
+        prefix = prefixes[i]
+        if prefix:
+            pieces.append(prefix + " ")
+            placed[start] = (start + shift, end + shift + len(prefix) + 1)
+            shift += len(prefix) + 1
+        else:
+            placed[start] = (start + shift, end + shift)
+        cursor = start
+    pieces.append(prompt[cursor:])
+    return "".join(pieces), [placed[start] for start, _end in ranges]
+
+
+def token_spans(
+    tokenizer, prompt: str, texts: list[str], prefixes: list[str | None] | None = None
+) -> TokenSpans:
     """Map each layer text to the token positions it occupies in the tokenized prompt.
 
     `tokenizer` is a Hugging Face tokenizer that returns offsets (CLIPTokenizer in transformers 5,
     or any fast tokenizer). Positions count the start token, as the text encoder sees them.
+    `prefixes` (one per text, or None) are inserted before the layer's words and join its span.
     """
     prompt, ranges = locate_texts(prompt, texts)
+    if prefixes and any(prefixes):
+        prompt, ranges = insert_prefixes(prompt, ranges, prefixes)
     encoding = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=True)
     offsets = encoding["offset_mapping"]
     limit = tokenizer.model_max_length - 1  # the last position is the end token

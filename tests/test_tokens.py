@@ -68,3 +68,17 @@ def test_words_past_77_tokens_are_reported_truncated(tokenizer):
 def test_locate_texts_character_ranges():
     prompt, ranges = locate_texts("Salmon sushi on rice", ["salmon sushi", "rice", "tea"])
     assert [prompt[a:b] for a, b in ranges] == ["Salmon sushi", "rice", "tea"]
+
+
+def test_prefixes_go_before_the_layer_words_and_join_the_span(tokenizer):
+    result = token_spans(
+        tokenizer,
+        "salmon sushi next to sliced ginger",
+        ["sliced ginger", "salmon sushi", "rice"],
+        ["<l0>", None, "<l2>"],
+    )
+    assert result.prompt == "salmon sushi next to <l0> sliced ginger, <l2> rice"
+    ids = tokenizer(result.prompt).input_ids
+    assert tokenizer.decode([ids[p] for p in result.spans[0]]).replace(" ", "") == "<l0>slicedginger"
+    assert words_at(tokenizer, result.prompt, result.spans[1]) == "salmon sushi"
+    assert tokenizer.decode([ids[p] for p in result.spans[2]]).replace(" ", "") == "<l2>rice"
