@@ -15,6 +15,7 @@ import argparse
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import venv
@@ -44,6 +45,16 @@ def has_nvidia_gpu() -> bool:
         return False
 
 
+def reachable(url: str, timeout: float = 5.0) -> bool:
+    """Whether an HTTPS host answers at all (pip would otherwise retry a dead index for minutes)."""
+    host = url.split("/")[2]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def torch_install_args(choice: str) -> list[str]:
     """pip arguments for the PyTorch build that fits this machine (or the one asked for)."""
     spec = f"torch=={TORCH_VERSION}"
@@ -59,10 +70,12 @@ def torch_install_args(choice: str) -> list[str]:
         return [spec] if sys.platform.startswith("linux") else [spec, "--index-url", f"{TORCH_INDEX}/cu128"]
     if choice == "rocm":
         return [spec, "--index-url", f"{TORCH_INDEX}/rocm6.4"]
-    if choice == "cpu":
-        # The CPU index avoids the multi-GB CUDA download on Linux; pip's configured
-        # extra indexes and find-links still apply, so offline mirrors work too.
-        return [spec] if sys.platform in ("darwin", "win32") else [spec, "--index-url", f"{TORCH_INDEX}/cpu"]
+    if choice == "cpu" and sys.platform.startswith("linux"):
+        # PyTorch's CPU index avoids the multi-GB CUDA download that PyPI's Linux wheel is.
+        # Where it cannot be reached (a mirror-only network), pip's own configuration decides.
+        if reachable(TORCH_INDEX):
+            return [spec, "--index-url", f"{TORCH_INDEX}/cpu"]
+        print(f"note: {TORCH_INDEX} is not reachable; taking torch from pip's configured indexes")
     return [spec]
 
 
