@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .collage import Collage, CollageError
-from .compositing import CompositeResult, composite
+from .compositing import CompositeResult, composite, place_layer
 from .schedulers import make_scheduler
 from .strength import StrengthPlan, paste_back, plan_strength, region_mask, strength_map
 from .tokens import TokenSpans, token_spans
@@ -266,8 +266,6 @@ def _regenerate_start(
         raise CollageError(problems)
     index = next(i for i, layer in enumerate(flat.layers) if layer is collage.layers[k])
     layer, mask = flat.layers[index], flat.masks.layers[index]
-    from .compositing import place_layer
-
     placed = place_layer(layer, collage.width, collage.height)
     start = base[..., :3].astype(np.float32) * (1.0 - mask[..., None]) + placed.rgb * 255.0 * mask[..., None]
     start = np.clip(np.rint(start), 0, 255).astype(np.uint8)
