@@ -1,0 +1,116 @@
+"""`collage-bridge` / `python -m bridge_server`: run the bridge.
+
+    collage-bridge [--host 127.0.0.1] [--port 7870] [--model demo] [--allow-model REF ...]
+                   [--data-dir DIR] [--token TOKEN] [--preload]
+
+Binding to anything but this machine (e.g. --host 0.0.0.0) needs a token; the token may also come
+from the COLLAGE_BRIDGE_TOKEN environment variable (kept out of the process list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from krita_plugin.collage_diffusion import wire
+
+from .config import BridgeConfig, default_data_dir
+
+TOKEN_ENV = "COLLAGE_BRIDGE_TOKEN"
+MIB = 1024 * 1024
+
+
+def parser() -> argparse.ArgumentParser:
+    limits = wire.Limits()
+    p = argparse.ArgumentParser(
+        prog="collage-bridge", description="Collage Diffusion bridge for the Krita plugin."
+    )
+    p.add_argument("--host", default=wire.DEFAULT_HOST, help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=wire.DEFAULT_PORT, help="port (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default=wire.DEFAULT_MODEL,
+        help="the default model: 'demo', a hub id, a diffusers folder or a checkpoint file (default: %(default)s)",
+    )
+    p.add_argument(
+        "--allow-model",
+        action="append",
+        default=[],
+        metavar="REF",
+        help="another model requests may choose by this exact name (repeatable)",
+    )
+    p.add_argument("--data-dir", type=Path, help=f"job records and results (default: {default_data_dir()})")
+    p.add_argument("--token", help=f"require 'Authorization: Bearer TOKEN' (or set {TOKEN_ENV})")
+    p.add_argument("--preload", action="store_true", help="load the default model now, not on the first job")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--max-layers", type=int, default=limits.max_layers)
+    p.add_argument("--max-pixels", type=int, default=limits.max_canvas_pixels, help="canvas width × height")
+    p.add_argument("--max-request-mb", type=int, default=limits.max_request_bytes // MIB)
+    p.add_argument("--keep-days", type=float, default=7.0, help="remove finished jobs after this many days")
+    p.add_argument("--keep-gb", type=float, default=2.0, help="keep at most this much of results")
+    p.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a browser origin allowed to call",
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BridgeConfig:
+    limits = wire.Limits(
+        max_layers=args.max_layers,
+        max_canvas_pixels=args.max_pixels,
+        max_layer_pixels=args.max_pixels,
+        max_request_bytes=args.max_request_mb * MIB,
+    )
+    config = BridgeConfig(
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        allowed_models=tuple(args.allow_model),
+        token=args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None,
+        preload=args.preload,
+        device=args.device,
+        limits=limits,
+        keep_seconds=args.keep_days * 86400,
+        keep_bytes=int(args.keep_gb * 1024**3),
+        allowed_origins=tuple(args.allow_origin),
+    )
+    if args.data_dir is not None:
+        config.data_dir = args.data_dir
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_args(args)
+    problems = config.problems()
+    if problems:
+        for problem in problems:
+            print(f"collage-bridge: {problem}", file=sys.stderr)
+        return 2
+
+    from aiohttp import web
+
+    from .app import create_app
+
+    app = create_app(config)
+    where = f"http://{config.host}:{config.port}"
+    print(
+        f"Collage bridge on {where} - model {config.model!r}, data in {config.data_dir}"
+        + (", token required" if config.token else ""),
+        flush=True,
+    )
+    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

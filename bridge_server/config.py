@@ -1,0 +1,80 @@
+"""The bridge's settings: one dataclass, filled by the command line or by tests."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from krita_plugin.collage_diffusion import wire
+
+#: Tokens shorter than this are refused for a non-loopback bind (they could be guessed).
+MIN_TOKEN_CHARS = 16
+
+
+def default_data_dir() -> Path:
+    """`<cache>/bridge`, next to the demo model (see `core.paths.cache_dir`)."""
+    from core.paths import cache_dir
+
+    return cache_dir() / "bridge"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding to `host` only listens on this machine ("localhost", 127.x, ::1)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+@dataclass
+class BridgeConfig:
+    host: str = wire.DEFAULT_HOST
+    port: int = wire.DEFAULT_PORT
+    model: str = wire.DEFAULT_MODEL  # the default model, used when a request names none
+    allowed_models: tuple[str, ...] = ()  # further models a request may name (--allow-model)
+    data_dir: Path = field(default_factory=default_data_dir)
+    token: str | None = None
+    preload: bool = False  # load the default model at startup instead of on the first job
+    device: str | None = None  # None: core picks the best
+    limits: wire.Limits = field(default_factory=wire.Limits)
+    max_queue: int = 256  # jobs waiting; more are refused with 503
+    max_queued_bytes: int = 4 * 1024**3  # decoded layer pixels held by waiting jobs
+    max_batch: int | None = None  # variants generated together; None: core decides
+    preview_interval: float = 1.0  # seconds between preview images in progress events
+    preview_size: int = 256  # longest side of a preview, pixels
+    result_png_level: int = 1  # zlib level of result PNGs: 1 is fast, 6+ a little smaller
+    keep_seconds: float = 7 * 24 * 3600.0  # finished jobs older than this are removed
+    keep_bytes: int = 2 * 1024**3  # beyond this, the oldest finished jobs are removed
+    cleanup_interval: float = 3600.0  # seconds between cleanups (also at startup)
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed to call (no CORS by default)
+    max_events_kept: int = 64  # the last events of a finished job kept in memory, without previews
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        self.allowed_models = tuple(dict.fromkeys(self.allowed_models))
+
+    @property
+    def models(self) -> list[str]:
+        """Every model a request may name, the default first."""
+        return list(dict.fromkeys([self.model, *self.allowed_models]))
+
+    def problems(self) -> list[str]:
+        """Why the bridge must not start with these settings (empty when it may)."""
+        p = []
+        if not is_loopback(self.host):
+            if not self.token:
+                p.append(
+                    f"--host {self.host}: listening beyond this machine needs --token (anyone on the"
+                    " network could otherwise use the GPU and read the results); make one with"
+                    ' python -c "import secrets; print(secrets.token_urlsafe())"'
+                )
+            elif len(self.token) < MIN_TOKEN_CHARS:
+                p.append(f"--token: must be at least {MIN_TOKEN_CHARS} characters for a network bind")
+        if self.token is not None and not self.token.strip():
+            p.append("--token: must not be empty")
+        if not 0 <= self.port < 65536:
+            p.append(f"--port: must be in 0..65535 (0: any free port), got {self.port}")
+        return p

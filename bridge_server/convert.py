@@ -1,0 +1,175 @@
+"""Wire request -> `core.collage.Collage`: decode the PNGs (PIL), check what only pixels tell.
+
+Everything here reports problems the way `wire.JobRequest.validate` does, one per field, so the
+client gets a single 422 listing all of them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from core.collage import Collage, CollageError, Layer
+from krita_plugin.collage_diffusion import wire
+
+from .config import BridgeConfig
+
+
+class RequestProblems(Exception):
+    """A request the bridge will not run; `status` is the HTTP status to answer with."""
+
+    def __init__(self, problems: list[str], status: int = 422, message: str = "invalid request"):
+        self.problems = list(problems)
+        self.status = status
+        self.message = message
+        super().__init__("; ".join(self.problems))
+
+
+@dataclass
+class Converted:
+    """A request ready for the engine."""
+
+    collage: Collage
+    model: str
+    variants: int
+    seeds: list[int] | None
+    base_image: np.ndarray | None  # (H, W, 3) uint8, for regenerate
+    regenerate_layer: int | None
+    regenerate_dilation: int
+    nbytes: int  # decoded pixels held until the job runs
+
+
+def engine_supports_regenerate() -> bool:
+    """ENGINE HOOK (regenerate): whether core has `core.generate.Regenerate` and `generate` takes
+    ``regenerate=``; `jobs.Engine.run` passes it then. An engine without it gets regenerate
+    requests validated in full and answered 422 on `regenerate_layer`."""
+    import core.generate
+
+    params = inspect.signature(core.generate.generate).parameters
+    return hasattr(core.generate, "Regenerate") and "regenerate" in params
+
+
+def parse_request(body: bytes, config: BridgeConfig) -> wire.JobRequest:
+    """Read and validate the JSON body (no pixels decoded yet). Raises `RequestProblems`."""
+    try:
+        request = wire.JobRequest.from_json(body)
+    except wire.WireError as error:
+        unreadable = any(p.startswith("body:") for p in error.problems)
+        raise RequestProblems(error.problems, status=400 if unreadable else 422) from None
+    problems = request.validate(config.limits)
+    problems += model_problems(request.model, config)
+    if problems:
+        raise RequestProblems(problems)
+    return request
+
+
+def model_problems(model: object, config: BridgeConfig) -> list[str]:
+    if model is None or not isinstance(model, str) or model in config.models:
+        return []  # a non-string is reported by validate
+    return [
+        f"model: {model!r} is not a model of this bridge; it allows {', '.join(map(repr, config.models))}"
+        " (a request cannot name a file on the server)"
+    ]
+
+
+def to_collage(request: wire.JobRequest, config: BridgeConfig) -> Converted:
+    """Decode the validated request into a collage the engine can run. Raises `RequestProblems`."""
+    problems: list[str] = []
+    canvas = (request.width, request.height)
+    layers = []
+    nbytes = 0
+    for i, spec in enumerate(request.layers):
+        image = decode_png(problems, f"layers[{i}].png", spec.png, "RGBA")
+        if image is None:
+            continue
+        nbytes += image.nbytes
+        layers.append(
+            Layer(
+                text=spec.text,
+                image=image,
+                offset=(spec.x, spec.y),
+                name=spec.name,
+                visible=spec.visible,
+                opacity=float(spec.opacity),
+                strength=None if spec.strength is None else float(spec.strength),
+                attention_weight=float(spec.attention_weight),
+                control_weight=float(spec.control_weight),
+                appearance=spec.appearance,
+            )
+        )
+    background: tuple[int, int, int] | np.ndarray = tuple(request.background)  # type: ignore[assignment]
+    if request.background_png is not None:
+        decoded = decode_png(problems, "background_png", request.background_png, None)
+        if decoded is not None:
+            background = decoded
+            nbytes += decoded.nbytes
+    base_image = None
+    if request.base_image is not None:
+        base_image = decode_png(problems, "base_image", request.base_image, "RGB")
+        if base_image is not None:
+            nbytes += base_image.nbytes
+    if problems:
+        raise RequestProblems(problems)
+
+    collage = Collage(
+        prompt=request.prompt,
+        layers=layers,
+        width=request.width,
+        height=request.height,
+        negative_prompt=request.negative_prompt,
+        seed=request.seed,
+        steps=request.steps,
+        guidance_scale=float(request.guidance_scale),
+        strength=float(request.strength),
+        model=request.model or config.model,
+        scheduler=request.scheduler,
+        background=background,
+    )
+    if hasattr(collage, "feather_px"):
+        collage.feather_px = request.feather_px
+    try:
+        collage.validate()
+    except CollageError as error:
+        raise RequestProblems([_wire_names(p) for p in error.problems]) from None
+    if base_image is not None and base_image.shape[:2] != (canvas[1], canvas[0]):
+        raise RequestProblems([f"base_image: must be the canvas size {canvas[0]}×{canvas[1]}"])
+    if request.regenerate_layer is not None and not engine_supports_regenerate():
+        raise RequestProblems(
+            ["regenerate_layer: not supported by this engine yet (base_image and regenerate_layer are valid)"]
+        )
+    return Converted(
+        collage=collage,
+        model=request.model or config.model,
+        variants=request.variants,
+        seeds=list(request.seeds) if request.seeds is not None else None,
+        base_image=base_image,
+        regenerate_layer=request.regenerate_layer,
+        regenerate_dilation=request.regenerate_dilation,
+        nbytes=nbytes,
+    )
+
+
+def decode_png(problems: list[str], name: str, data: bytes, mode: str | None) -> np.ndarray | None:
+    """The PNG as a uint8 array in `mode` (None: RGB, or RGBA when it has alpha), or None after
+    adding a problem. The header was checked against the limits before, so no bomb gets here."""
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
+            img.load()
+            target = mode or (
+                "RGBA" if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info else "RGB"
+            )
+            return np.asarray(img.convert(target), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        problems.append(f"{name}: cannot be decoded as a PNG ({error})")
+        return None
+
+
+def _wire_names(problem: str) -> str:
+    """Core names a layer's pixels `.image` and its placement `.offset`; the wire says png and x, y."""
+    problem = re.sub(r"^(layers\[\d+\][^:]*)\.image:", r"\1.png:", problem)
+    return re.sub(r"^(layers\[\d+\][^:]*)\.offset:", r"\1.x, y:", problem)
