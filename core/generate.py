@@ -19,6 +19,7 @@ import torch
 
 from .collage import Collage, CollageError
 from .compositing import CompositeResult, composite, place_layer
+from .inversion import appearance_tokens
 from .schedulers import make_scheduler
 from .strength import StrengthPlan, paste_back, plan_strength, region_mask, strength_map
 from .tokens import TokenSpans, token_spans
@@ -182,12 +183,9 @@ def generate(
         start_image, pixel_strength = flat.image, strength_map(collage, flat)
     else:
         start_image, pixel_strength = _regenerate_start(collage, flat, regenerate)
-    spans = token_spans(pipe.tokenizer, collage.prompt, [layer.text for layer in flat.layers])
-    warnings = [
-        f"the words of layer '{flat.layers[i].text}' fall past the text encoder's"
-        f" {pipe.tokenizer.model_max_length}-token limit and are ignored; shorten the prompt"
-        for i in spans.truncated
-    ]
+    texts = [layer.text for layer in flat.layers]
+    spans = token_spans(pipe.tokenizer, collage.prompt, texts)
+    warnings = _truncation_warnings(pipe.tokenizer, flat, spans)
     factor = pipe.vae_scale_factor
     latent_size = (collage.height // factor, collage.width // factor)
     plan = plan_strength(pixel_strength, latent_size, collage.steps, collage.feather_px)
@@ -195,12 +193,17 @@ def generate(
         images = [GeneratedImage(start_image.copy(), s) for s in seeds]
         return GenerationResult(images, start_image, spans.prompt, warnings)
 
-    report(Progress("encoding", 0, 1))
-    _check_cancel(cancel)
     do_cfg = collage.guidance_scale > 1.0
-    cond, uncond = pipe.encode_prompt(
-        spans.prompt, device, 1, do_cfg, negative_prompt=collage.negative_prompt or None
-    )
+    # Learned appearance tokens (algorithm.md §2) are in the model only while the prompt is encoded.
+    with appearance_tokens(model, collage, flat, report=report, cancel=cancel) as prefixes:
+        if any(prefixes):
+            spans = token_spans(pipe.tokenizer, collage.prompt, texts, prefixes)
+            warnings = _truncation_warnings(pipe.tokenizer, flat, spans)
+        report(Progress("encoding", 0, 1))
+        _check_cancel(cancel)
+        cond, uncond = pipe.encode_prompt(
+            spans.prompt, device, 1, do_cfg, negative_prompt=collage.negative_prompt or None
+        )
     scaling = pipe.vae.config.scaling_factor
     z0 = pipe.vae.encode(image_to_tensor(start_image, device, dtype)).latent_dist.mode() * scaling
 
@@ -233,6 +236,14 @@ def generate(
     for w in warnings:
         log.warning(w)
     return GenerationResult(images=images, composite=start_image, prompt=spans.prompt, warnings=warnings)
+
+
+def _truncation_warnings(tokenizer, flat: CompositeResult, spans: TokenSpans) -> list[str]:
+    return [
+        f"the words of layer '{flat.layers[i].text}' fall past the text encoder's"
+        f" {tokenizer.model_max_length}-token limit and are ignored; shorten the prompt"
+        for i in spans.truncated
+    ]
 
 
 def _regenerate_start(
