@@ -50,14 +50,14 @@ import torch
 
 from .compositing import CompositeResult, area_resize, composite, place_layer
 from .models import (
-    _DTYPE_KWARG,
+    DTYPE_KWARG,
     LoadedModel,
     ModelLoadError,
-    _hub_help,
-    _is_hub_access_error,
-    _looks_like_path,
-    _quiet_loading,
-    _stat_key,
+    hub_help,
+    is_hub_access_error,
+    looks_like_path,
+    quiet_loading,
+    stat_key,
 )
 
 log = logging.getLogger(__name__)
@@ -329,9 +329,9 @@ def _controlnet_folder(folder: Path, what: str = "ControlNet folder") -> str | N
 
 def _folder_identity(folder: Path, sub: str | None) -> str:
     root = folder / sub if sub else folder
-    parts = [f"controlnet-folder:{root}", f"config={_stat_key(root / 'config.json')}"]
+    parts = [f"controlnet-folder:{root}", f"config={stat_key(root / 'config.json')}"]
     for weights in sorted(root.glob("diffusion_pytorch_model*")):
-        parts.append(f"{weights.name}={_stat_key(weights)}")
+        parts.append(f"{weights.name}={stat_key(weights)}")
     return "|".join(parts)
 
 
@@ -374,7 +374,7 @@ def _resolve_config(config: str | os.PathLike[str] | None) -> tuple[str | None, 
     if config is None:
         return None, None
     config = str(config).strip()
-    if not _looks_like_path(config):
+    if not looks_like_path(config):
         return config, None  # hub id
     folder = Path(config).expanduser().resolve()
     if not folder.is_dir():
@@ -390,7 +390,7 @@ def _resolve_source(ref: str | os.PathLike[str], config) -> _ControlSource:
     ref = str(ref).strip()
     if not ref:
         raise ModelLoadError("no ControlNet given. " + _EXPECTED)
-    if not _looks_like_path(ref):
+    if not looks_like_path(ref):
         return _ControlSource("hub", ref, f"hub:{ref}")
     path = Path(ref).expanduser().resolve()
     if not path.exists():
@@ -404,7 +404,7 @@ def _resolve_source(ref: str | os.PathLike[str], config) -> _ControlSource:
         )
     _check_checkpoint_file(path)
     config_ref, config_sub = _resolve_config(config)
-    key = f"controlnet-file:{path}|{_stat_key(path)}"
+    key = f"controlnet-file:{path}|{stat_key(path)}"
     if config_ref is not None:
         key += f"|config={config_ref}"
     return _ControlSource("file", str(path), key, config=config_ref, config_subfolder=config_sub)
@@ -414,8 +414,8 @@ def _load(source: _ControlSource, dtype: torch.dtype):
     """Load on CPU in `dtype`; returns the ControlNetModel and the identity of its weights."""
     from diffusers import ControlNetModel
 
-    _quiet_loading()
-    common = {_DTYPE_KWARG: dtype}
+    quiet_loading()
+    common = {DTYPE_KWARG: dtype}
     if source.kind == "folder":
         try:
             net = ControlNetModel.from_pretrained(
@@ -430,11 +430,11 @@ def _load(source: _ControlSource, dtype: torch.dtype):
             net = ControlNetModel.from_pretrained(source.location, **common)
         except Exception as e:
             # diffusers raises OSError for "not on the hub", "not cached while offline", "no network".
-            if isinstance(e, OSError) or _is_hub_access_error(e):
+            if isinstance(e, OSError) or is_hub_access_error(e):
                 local = Path(source.location).resolve()
                 raise ModelLoadError(
                     f"could not get ControlNet '{source.location}' from the Hugging Face Hub: {e}\n"
-                    f"{_hub_help()} Or use a local ControlNet folder or file instead "
+                    f"{hub_help()} Or use a local ControlNet folder or file instead "
                     f"(if you meant a local folder: {local} does not exist)."
                 ) from e
             raise ModelLoadError(f"could not load hub ControlNet '{source.location}': {e}") from e
@@ -449,7 +449,7 @@ def _load(source: _ControlSource, dtype: torch.dtype):
     try:
         net = ControlNetModel.from_single_file(source.location, **common, **kwargs)
     except Exception as e:
-        if _is_hub_access_error(e):
+        if is_hub_access_error(e):
             if source.config is not None:
                 what = f"its configuration '{source.config}' could not be fetched ({e})."
             else:
@@ -458,7 +458,7 @@ def _load(source: _ControlSource, dtype: torch.dtype):
                     "Give a config (--controlnet-config, or config=): a diffusers ControlNet folder or hub id "
                     "of the same family, e.g. a local copy of lllyasviel/control_v11p_sd15_canny for SD 1.x."
                 )
-            raise ModelLoadError(f"could not load {source.location}: {what} {_hub_help()}") from e
+            raise ModelLoadError(f"could not load {source.location}: {what} {hub_help()}") from e
         raise ModelLoadError(
             f"{source.location} could not be loaded as a ControlNet (damaged file, or a kind of ControlNet "
             f"this tool does not support): {e}"

@@ -53,9 +53,9 @@ _DTYPES = {
 try:
     from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
 
-    _DTYPE_KWARG = "dtype"
+    DTYPE_KWARG = "dtype"
 except ImportError:
-    _DTYPE_KWARG = "torch_dtype"
+    DTYPE_KWARG = "torch_dtype"
 _EXPECTED = (
     "Expected the demo model ('demo'), a Hugging Face hub id such as 'runwayml/stable-diffusion-v1-5', "
     "a diffusers model folder (with model_index.json), or a Stable Diffusion checkpoint file "
@@ -124,7 +124,7 @@ def pick_dtype(device: torch.device, dtype: torch.dtype | str | None = None) -> 
     return torch.float32  # CPU half precision is slow and some ops lack kernels
 
 
-def _looks_like_path(ref: str) -> bool:
+def looks_like_path(ref: str) -> bool:
     if os.path.exists(os.path.expanduser(ref)):
         return True
     if ref.startswith((".", "~")) or os.path.isabs(ref) or "\\" in ref:
@@ -136,16 +136,16 @@ def _looks_like_path(ref: str) -> bool:
     return not _HUB_ID.match(ref)
 
 
-def _stat_key(path: Path) -> str:
+def stat_key(path: Path) -> str:
     st = path.stat()
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _folder_identity(folder: Path) -> str:
-    parts = [f"folder:{folder}", f"index={_stat_key(folder / 'model_index.json')}"]
+    parts = [f"folder:{folder}", f"index={stat_key(folder / 'model_index.json')}"]
     unet = folder / "unet"
     for weights in sorted(unet.glob("diffusion_pytorch_model*")) if unet.is_dir() else []:
-        parts.append(f"{weights.name}={_stat_key(weights)}")
+        parts.append(f"{weights.name}={stat_key(weights)}")
     return "|".join(parts)
 
 
@@ -181,7 +181,7 @@ def _resolve_source(ref: str | os.PathLike[str], config: str | os.PathLike[str] 
         raise ModelLoadError("no model given. " + _EXPECTED)
     if ref == DEMO_MODEL_ID:
         return _Source("demo", DEMO_MODEL_ID, DEMO_VERSION)
-    if not _looks_like_path(ref):
+    if not looks_like_path(ref):
         return _Source("hub", ref, f"hub:{ref}")
 
     path = Path(ref).expanduser().resolve()
@@ -195,7 +195,7 @@ def _resolve_source(ref: str | os.PathLike[str], config: str | os.PathLike[str] 
         raise ModelLoadError(f"unsupported model file type '{path.suffix or '(none)'}': {path}. " + _EXPECTED)
     _check_checkpoint_file(path)
     config_ref = _resolve_config(config)
-    identity = f"file:{path}|{_stat_key(path)}"
+    identity = f"file:{path}|{stat_key(path)}"
     if config_ref is not None:
         identity += f"|config={config_ref}"
     return _Source("file", str(path), identity, config_ref)
@@ -205,7 +205,7 @@ def _resolve_config(config: str | os.PathLike[str] | None) -> str | None:
     if config is None:
         return None
     config = str(config)
-    if not _looks_like_path(config):
+    if not looks_like_path(config):
         return config  # hub id
     folder = Path(config).expanduser().resolve()
     if not folder.is_dir():
@@ -252,7 +252,7 @@ def _check_checkpoint_file(path: Path) -> None:
         raise ModelLoadError(f"{path} is not a valid .ckpt checkpoint (damaged or incomplete download?)")
 
 
-def _is_hub_access_error(e: BaseException) -> bool:
+def is_hub_access_error(e: BaseException) -> bool:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     if isinstance(e, (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError)):
@@ -261,7 +261,7 @@ def _is_hub_access_error(e: BaseException) -> bool:
     return any(w in text for w in ("offline", "connect", "cached locally", "huggingface.co"))
 
 
-def _hub_help() -> str:
+def hub_help() -> str:
     from huggingface_hub.constants import HF_HUB_CACHE
 
     return (
@@ -278,7 +278,7 @@ _SD_KWARGS = {
 }
 
 
-def _quiet_loading() -> None:
+def quiet_loading() -> None:
     """Loading bars and notices from diffusers/transformers would drown our own progress output."""
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
@@ -290,8 +290,8 @@ def _quiet_loading() -> None:
 
 def _load(source: _Source, dtype: torch.dtype) -> tuple[StableDiffusionPipeline, str]:
     """Load on CPU in `dtype`; returns the pipeline and the identity of its weights."""
-    _quiet_loading()
-    common = {_DTYPE_KWARG: dtype, **_SD_KWARGS}
+    quiet_loading()
+    common = {DTYPE_KWARG: dtype, **_SD_KWARGS}
     if source.kind == "demo":
         folder = ensure_demo_model()
         pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **common)
@@ -311,7 +311,7 @@ def _load(source: _Source, dtype: torch.dtype) -> tuple[StableDiffusionPipeline,
         except Exception as e:
             local = Path(source.location).resolve()
             raise ModelLoadError(
-                f"could not get model '{source.location}' from the Hugging Face Hub: {e}\n{_hub_help()} "
+                f"could not get model '{source.location}' from the Hugging Face Hub: {e}\n{hub_help()} "
                 "Or use a local .safetensors/.ckpt file or diffusers folder instead "
                 f"(if you meant a local folder: {local} does not exist)."
             ) from e
@@ -330,7 +330,7 @@ def _load(source: _Source, dtype: torch.dtype) -> tuple[StableDiffusionPipeline,
     try:
         pipe = StableDiffusionPipeline.from_single_file(source.location, **common, **kwargs)
     except Exception as e:
-        if _is_hub_access_error(e):
+        if is_hub_access_error(e):
             if source.config is not None:
                 what = f"its configuration '{source.config}' could not be fetched ({e})."
             else:
@@ -339,7 +339,7 @@ def _load(source: _Source, dtype: torch.dtype) -> tuple[StableDiffusionPipeline,
                     "Give a config (--model-config, or config=): a diffusers folder or hub id of the same "
                     "family, e.g. a local copy of runwayml/stable-diffusion-v1-5 for SD 1.x files."
                 )
-            raise ModelLoadError(f"could not load {source.location}: {what} {_hub_help()}") from e
+            raise ModelLoadError(f"could not load {source.location}: {what} {hub_help()}") from e
         raise ModelLoadError(
             f"{source.location} could not be loaded as a Stable Diffusion checkpoint "
             f"(damaged file, or a model type this tool does not support): {e}"

@@ -296,7 +296,7 @@ def test_unavailable_device_is_a_clear_error():
     ],
 )
 def test_hub_id_or_path(ref, is_path):
-    assert models._looks_like_path(ref) is is_path
+    assert models.looks_like_path(ref) is is_path
 
 
 # --- errors ------------------------------------------------------------------------------
