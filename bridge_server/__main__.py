@@ -46,6 +46,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help=f"require 'Authorization: Bearer TOKEN' (or set {TOKEN_ENV})")
     p.add_argument("--preload", action="store_true", help="load the default model now, not on the first job")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.add_argument(
+        "--attention-schedule",
+        choices=["ediffi", "collage"],
+        default="ediffi",
+        help="g(sigma) of masked attention",
+    )
+    p.add_argument("--controlnet", help="a Canny ControlNet for the model: hub id, folder or file")
+    p.add_argument("--controlnet-config", help="for a single-file ControlNet: its config folder or hub id")
     p.add_argument("--max-layers", type=int, default=limits.max_layers)
     p.add_argument("--max-pixels", type=int, default=limits.max_canvas_pixels, help="canvas width × height")
     p.add_argument("--max-request-mb", type=int, default=limits.max_request_bytes // MIB)
@@ -81,6 +89,11 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
         keep_seconds=args.keep_days * 86400,
         keep_bytes=int(args.keep_gb * 1024**3),
         allowed_origins=tuple(args.allow_origin),
+        engine_options={
+            "attention_schedule": args.attention_schedule,
+            "controlnet": args.controlnet,
+            "controlnet_config": args.controlnet_config,
+        },
     )
     if args.data_dir is not None:
         config.data_dir = args.data_dir

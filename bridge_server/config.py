@@ -37,6 +37,9 @@ class BridgeConfig:
     allowed_models: tuple[str, ...] = ()  # further models a request may name (--allow-model)
     data_dir: Path = field(default_factory=default_data_dir)
     token: str | None = None
+    # Settings of the engine's pieces (core.options.EngineOptions fields): attention schedule,
+    # ControlNet. Chosen when the bridge starts; requests cannot name files.
+    engine_options: dict = field(default_factory=dict)
     preload: bool = False  # load the default model at startup instead of on the first job
     device: str | None = None  # None: core picks the best
     limits: wire.Limits = field(default_factory=wire.Limits)

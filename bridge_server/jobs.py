@@ -64,8 +64,9 @@ class Engine:
     remembers the last one it got (holding more would keep released models alive).
     """
 
-    def __init__(self, device: str | None = None):
+    def __init__(self, device: str | None = None, options: dict | None = None):
         self.device = device
+        self.options = options or {}  # core.options.EngineOptions fields (attention, ControlNet)
         self.current = None  # core.models.LoadedModel
         self.current_ref: str | None = None
 
@@ -78,6 +79,7 @@ class Engine:
 
     def run(self, req: RunRequest) -> GenerationResult:
         from core.generate import generate
+        from core.options import EngineOptions, build_hooks
 
         if req.model != self.current_ref:
             req.progress(Progress(wire.PHASE_LOADING, 0, 1))
@@ -93,7 +95,11 @@ class Engine:
                 layer_index=req.regenerate_layer,
                 dilation_px=req.regenerate_dilation,
             )
-        return generate(
+        # The ControlNet is cached by core and re-checked against this job's model each time.
+        hooks, warnings = build_hooks(
+            model, req.collage, EngineOptions(**self.options), controlnet_errors="warn"
+        )
+        result = generate(
             model,
             req.collage,
             variants=req.variants,
@@ -101,8 +107,11 @@ class Engine:
             progress=req.progress,
             cancel=req.cancel,
             max_batch=req.max_batch,
+            hooks=hooks,
             **kwargs,
         )
+        result.warnings[:0] = warnings
+        return result
 
     def describe(self, ref: str) -> tuple[bool, str, str]:
         """(loaded, device, dtype) of a model: where it runs, or where it will once loaded."""
@@ -175,7 +184,7 @@ def _variants_of(p: Progress) -> tuple[int, int]:
 class JobManager:
     def __init__(self, config: BridgeConfig, run_job: RunJob | None = None, engine: Engine | None = None):
         self.config = config
-        self.engine = engine or Engine(config.device)
+        self.engine = engine or Engine(config.device, config.engine_options)
         self.run_job: RunJob = run_job or self.engine.run
         self.store = JobStore(config.data_dir)
         self.jobs: dict[str, Job] = {}  # in creation order

@@ -42,6 +42,26 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", choices=SCHEDULERS)
     gen.add_argument("--variants", type=int, default=1, help="number of images, seeds seed, seed+1, ...")
     gen.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    pieces = gen.add_argument_group("Collage Diffusion pieces")
+    pieces.add_argument(
+        "--attention-schedule",
+        choices=["ediffi", "collage"],
+        default="ediffi",
+        help="g(sigma) of masked attention",
+    )
+    pieces.add_argument("--controlnet", help="a Canny ControlNet for the model: hub id, folder or file")
+    pieces.add_argument(
+        "--controlnet-config", help="for a single-file ControlNet: its config folder or hub id"
+    )
+    pieces.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale")
+    pieces.add_argument(
+        "--control-start", type=float, default=0.0, help="fraction of steps before ControlNet acts"
+    )
+    pieces.add_argument(
+        "--control-end", type=float, default=1.0, help="fraction of steps after which it stops"
+    )
+    pieces.add_argument("--canny-low", type=int, default=100)
+    pieces.add_argument("--canny-high", type=int, default=200)
 
     ins = commands.add_parser("inspect", help="show how a document is read as a collage")
     ins.add_argument("input", type=Path)
@@ -87,6 +107,7 @@ def _generate(args) -> int:
     from .formats import load_collage, save_ora, save_png
     from .generate import generate
     from .models import load_pipeline
+    from .options import EngineOptions, build_hooks
 
     doc = load_collage(args.input)
     for warning in doc.warnings:
@@ -102,18 +123,35 @@ def _generate(args) -> int:
 
     print(f"loading model {args.model!r}…", file=sys.stderr)
     model = load_pipeline(args.model, device=args.device, config=args.model_config)
+    options = EngineOptions(
+        attention_schedule=args.attention_schedule,
+        controlnet=args.controlnet,
+        controlnet_config=args.controlnet_config,
+        control_scale=args.control_scale,
+        control_start=args.control_start,
+        control_end=args.control_end,
+        canny_low=args.canny_low,
+        canny_high=args.canny_high,
+    )
+    hooks, warnings = build_hooks(model, collage, options)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     bar = tqdm(total=collage.steps, unit="step", desc="sampling")
 
     def on_progress(p) -> None:
         if p.phase == "sampling":
-            bar.total = p.total
-            bar.n = p.step
             done, asked = p.variants
-            bar.set_description(f"sampling from variant {done + 1}/{asked}" if asked > 1 else "sampling")
-            bar.refresh()
+            description = f"sampling from variant {done + 1}/{asked}" if asked > 1 else "sampling"
+        elif p.phase.startswith("learning appearance"):
+            description = p.phase
+        else:
+            return
+        bar.total, bar.n = p.total, p.step
+        bar.set_description(description)
+        bar.refresh()
 
     try:
-        result = generate(model, collage, variants=args.variants, progress=on_progress)
+        result = generate(model, collage, variants=args.variants, progress=on_progress, hooks=hooks)
     finally:
         bar.close()
     for warning in result.warnings:

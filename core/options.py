@@ -1,0 +1,71 @@
+"""Which Collage Diffusion pieces run, and how: one place for the CLI and the bridge.
+
+Masked attention (§1) runs for every layer with an `attention_weight` > 0; appearance tokens (§2)
+for every layer with `appearance` on (inside `generate`); per-layer strength (§4) always;
+ControlNet (§3) when a ControlNet was configured and a layer has a `control_weight` > 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+from .attention import masked_attention_hook
+from .collage import Collage
+from .control import CannyDetector, controlnet_hook, load_controlnet, missing_controlnet_warning
+from .models import ModelLoadError
+
+
+@dataclass
+class EngineOptions:
+    """Settings of the pieces that are not part of a collage document."""
+
+    attention_schedule: str = "ediffi"  # g(sigma): "ediffi" (log(1+sigma)) or "collage"
+    attention_negative_weight: float = 0.0  # pushes a layer's words out of the rest of the image
+    controlnet: str | None = None  # hub id, folder or file of a Canny ControlNet for the model
+    controlnet_config: str | None = None  # for a single-file ControlNet: its config
+    control_scale: float = 1.0
+    control_start: float = 0.0  # fraction of the steps run before ControlNet starts
+    control_end: float = 1.0  # fraction after which it stops
+    canny_low: int = 100
+    canny_high: int = 200
+
+
+def build_hooks(
+    model, collage: Collage, options: EngineOptions, *, controlnet_errors: str = "raise"
+) -> tuple[list, list[str]]:
+    """The sampler hook builders for `generate(hooks=…)`, and warnings for the user.
+
+    With ``controlnet_errors="warn"`` a ControlNet that cannot be loaded for this model (wrong
+    base, missing file) becomes a warning and the image is generated without it, as a server
+    that serves many requests should; the CLI raises, since the user asked for it by name.
+    """
+    warnings: list[str] = []
+    hooks = [
+        partial(
+            masked_attention_hook,
+            schedule=options.attention_schedule,
+            negative_weight=options.attention_negative_weight,
+        )
+    ]
+    controlnet = None
+    if options.controlnet:
+        try:
+            controlnet = load_controlnet(options.controlnet, model=model, config=options.controlnet_config)
+        except ModelLoadError as error:
+            if controlnet_errors == "raise":
+                raise
+            warnings.append(f"generated without ControlNet: {error}")
+    if controlnet is not None:
+        hooks.append(
+            controlnet_hook(
+                controlnet,
+                conditioning_scale=options.control_scale,
+                guidance_start=options.control_start,
+                guidance_end=options.control_end,
+                detector=CannyDetector(options.canny_low, options.canny_high),
+            )
+        )
+    elif not options.controlnet and (warning := missing_controlnet_warning(collage)):
+        warnings.append(warning)
+    return hooks, warnings
