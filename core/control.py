@@ -33,12 +33,10 @@ the run without a ControlNet. See docs/control.md.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
 import math
 import os
-import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -53,6 +51,7 @@ from .models import (
     DTYPE_KWARG,
     LoadedModel,
     ModelLoadError,
+    OneSlotCache,
     hub_help,
     is_hub_access_error,
     looks_like_path,
@@ -466,29 +465,12 @@ def _load(source: _ControlSource, dtype: torch.dtype):
     return net, source.key
 
 
-_lock = threading.Lock()
-_current: LoadedControlNet | None = None
-_current_key: tuple[str, str, torch.dtype] | None = None
-
-
-def _release() -> None:
-    """Drop the cached ControlNet (callers hold `_lock`)."""
-    global _current, _current_key
-    if _current is None:
-        return
-    device = _current.device
-    _current = _current_key = None
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    elif device.type == "mps":
-        torch.mps.empty_cache()
+_controlnets = OneSlotCache()
 
 
 def unload_controlnet() -> None:
     """Forget the cached ControlNet, freeing its memory (unless someone still holds it)."""
-    with _lock:
-        _release()
+    _controlnets.clear()
 
 
 def _refuse_if_incompatible(net, model: LoadedModel, what: str) -> None:
@@ -513,21 +495,19 @@ def load_controlnet(
     model family than `model`'s. The same weights on the same device and dtype return the same
     `LoadedControlNet` object.
     """
-    global _current, _current_key
     source = _resolve_source(ref, config)
-    key = (source.key, str(model.device), model.dtype)
-    with _lock:
-        if _current is not None and _current_key == key:
-            _refuse_if_incompatible(_current.controlnet, model, f"'{ref}'")
-            return _current
-        _release()
+
+    def load() -> LoadedControlNet:
         net, identity = _load(source, model.dtype)
         _refuse_if_incompatible(net, model, f"'{ref}'")
         net = net.to(device=model.device, dtype=model.dtype).eval()
         net.requires_grad_(False)
-        _current = LoadedControlNet(net, str(ref), identity, model.device, model.dtype)
-        _current_key = key
-        return _current
+        return LoadedControlNet(net, str(ref), identity, model.device, model.dtype)
+
+    def check(cached: LoadedControlNet) -> None:
+        _refuse_if_incompatible(cached.controlnet, model, f"'{ref}'")
+
+    return _controlnets.get((source.key, str(model.device), model.dtype), load, on_hit=check)
 
 
 def wrap_controlnet(controlnet, model: LoadedModel, ref: str = "(in memory)") -> LoadedControlNet:

@@ -347,29 +347,53 @@ def _load(source: _Source, dtype: torch.dtype) -> tuple[StableDiffusionPipeline,
     return pipe, source.key
 
 
-_lock = threading.Lock()
-_current: LoadedModel | None = None
-_current_key: tuple[str, str, torch.dtype] | None = None
+class OneSlotCache:
+    """Keeps one loaded object (a model, a ControlNet) and hands it out again for the same key.
+
+    A different key releases the old object before the new one loads: two Stable Diffusion
+    models may not fit in GPU memory together. Thread-safe: one load at a time.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._value = None
+        self._key = None
+
+    def get(self, key, load, on_hit=None):
+        """The cached object for `key`, or `load()`'s after releasing the old one.
+        `on_hit(value)` may check a cached object before it is returned (and raise)."""
+        with self._lock:
+            if self._value is not None and self._key == key:
+                if on_hit is not None:
+                    on_hit(self._value)
+                return self._value
+            self._release()
+            self._value, self._key = load(), key
+            return self._value
+
+    def clear(self) -> None:
+        """Forget the cached object, freeing its memory (unless someone still holds it)."""
+        with self._lock:
+            self._release()
+
+    def _release(self) -> None:
+        if self._value is None:
+            return
+        device = self._value.device
+        self._value = self._key = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif device.type == "mps":
+            torch.mps.empty_cache()
 
 
-def _release() -> None:
-    """Drop the cached model (callers must hold `_lock`). Memory is freed once no caller holds it."""
-    global _current, _current_key
-    if _current is None:
-        return
-    device = _current.device
-    _current = _current_key = None
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    elif device.type == "mps":
-        torch.mps.empty_cache()
+_models = OneSlotCache()
 
 
 def unload_pipeline() -> None:
     """Forget the cached model, freeing its memory (unless someone still holds it)."""
-    with _lock:
-        _release()
+    _models.clear()
 
 
 def load_pipeline(
@@ -387,18 +411,14 @@ def load_pipeline(
     and fetches its configuration from the hub. Raises `ModelLoadError` with an actionable message.
     The same weights on the same device and dtype return the same `LoadedModel` object.
     """
-    global _current, _current_key
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     source = _resolve_source(ref, config)
-    key = (source.key, str(dev), dt)
-    with _lock:
-        if _current is not None and _current_key == key:
-            return _current
-        _release()  # before loading: two SD models may not fit in VRAM together
+
+    def load() -> LoadedModel:
         pipe, identity = _load(source, dt)
         pipe = pipe.to(dev)
         pipe.set_progress_bar_config(disable=True)
-        _current = LoadedModel(pipeline=pipe, ref=str(ref), identity=identity, device=dev, dtype=dt)
-        _current_key = key
-        return _current
+        return LoadedModel(pipeline=pipe, ref=str(ref), identity=identity, device=dev, dtype=dt)
+
+    return _models.get((source.key, str(dev), dt), load)
