@@ -13,49 +13,13 @@ the U-Net's encoder half plus mid block, run on both guidance halves.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
-import numpy as np
 import torch
+from bench_generate import bench_collage, timed_pair  # same folder: run as a script
 
-from core.collage import Collage, Layer
 from core.control import control_image, controlnet_hook, load_controlnet, wrap_controlnet
 from core.generate import generate
 from core.models import load_pipeline
-
-
-def bench_collage(size: int, steps: int, strength: float, n_layers: int = 4, controlled: int = 2) -> Collage:
-    rng = np.random.default_rng(0)
-    layers = []
-    for i in range(n_layers):
-        w, h = (int(v) for v in rng.integers(size // 4, size // 2, size=2))
-        img = np.zeros((h, w, 4), np.uint8)
-        img[..., :3] = rng.integers(0, 256, size=3)
-        img[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4, :3] = rng.integers(0, 256, size=3)  # inner edges
-        img[..., 3] = 255
-        offset = tuple(int(v) for v in rng.integers(0, size - size // 2, size=2))
-        layers.append(Layer(f"object {i}", img, offset=offset, control_weight=1.0 if i < controlled else 0.0))
-    return Collage(
-        prompt="a photo of " + ", ".join(layer.text for layer in layers),
-        layers=layers,
-        width=size,
-        height=size,
-        steps=steps,
-        strength=strength,
-    )
-
-
-def timed_pair(first, second, repeats: int) -> tuple[float, float]:
-    """Median seconds of each, measured alternately so background load hits both alike."""
-    first(), second()  # warm-up
-    a, b = [], []
-    for _ in range(repeats):
-        for fn, times in ((first, a), (second, b)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(a), statistics.median(b)
 
 
 def main() -> None:
@@ -80,7 +44,7 @@ def main() -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             controlnet = wrap_controlnet(ControlNetModel.from_unet(model.pipeline.unet), model, "from_unet")
-    collage = bench_collage(args.size, args.steps, args.strength)
+    collage = bench_collage(args.size, args.steps, args.strength, controlled=2)
     edges = int((control_image(collage)[..., 0] > 0).sum())
     hook = controlnet_hook(controlnet)
 

@@ -23,16 +23,19 @@ from core.generate import generate
 from core.models import load_pipeline
 
 
-def bench_collage(size: int, steps: int, strength: float, n_layers: int = 4) -> Collage:
+def bench_collage(size: int, steps: int, strength: float, n_layers: int = 4, controlled: int = 0) -> Collage:
+    """Random rectangles with an inner block (so they have inner edges); the first `controlled`
+    layers get a ControlNet weight of 1."""
     rng = np.random.default_rng(0)
     layers = []
     for i in range(n_layers):
         w, h = (int(v) for v in rng.integers(size // 4, size // 2, size=2))
         img = np.zeros((h, w, 4), np.uint8)
         img[..., :3] = rng.integers(0, 256, size=3)
+        img[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4, :3] = rng.integers(0, 256, size=3)
         img[..., 3] = 255
         offset = tuple(int(v) for v in rng.integers(0, size - size // 2, size=2))
-        layers.append(Layer(f"object {i}", img, offset=offset))
+        layers.append(Layer(f"object {i}", img, offset=offset, control_weight=1.0 if i < controlled else 0.0))
     return Collage(
         prompt="a photo of " + ", ".join(layer.text for layer in layers),
         layers=layers,
