@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Set up Collage Diffusion: a virtual environment with the right PyTorch build and the project.
 
-    python3 install.py            set up (or update) the environment in .venv
-    python3 install.py --demo     set up, then generate an image from examples/bento on the demo model
-    python3 install.py --test     set up with the test tools, then run the linter and the test suite
+    python3 install.py            set up (or update) the environment in .venv and install the
+                                  Krita plugin (--dev links it instead of copying; --no-krita skips it)
+    python3 install.py --demo     the same, then generate an image from examples/bento on the demo model
+    python3 install.py --test     set up with the test tools (and, on Debian/Ubuntu as root, Krita
+                                  itself for the in-Krita tests), then run the linter and the tests
+    python3 install.py --uninstall  remove the plugin from Krita (the environment stays)
 
 Runs on the Python that starts it (3.10+), standard library only, on Linux, Windows and macOS.
 Re-running is safe: an existing environment is reused and only what is missing is installed.
@@ -99,6 +102,30 @@ def setup(env: Path, torch_choice: str, test: bool) -> Path:
     return python
 
 
+def ensure_krita_for_tests() -> None:
+    """The plugin's tests run inside real Krita (kritarunner). Debian's package is installed where
+    that is possible without asking (root with apt-get, as on CI); elsewhere those tests skip."""
+    if shutil.which("kritarunner"):
+        return
+    on_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    if sys.platform.startswith("linux") and on_root and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        run(["apt-get", "update", "-q"], env=env)
+        run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "krita", "python3-pyqt5"], env=env)
+    else:
+        print("note: Krita's kritarunner is not installed; the in-Krita plugin tests will be skipped")
+
+
+def install_plugin(python: Path, dev: bool) -> None:
+    import install_krita
+
+    for line in install_krita.install(dev=dev, bridge_python=python):
+        print(line)
+    print(
+        f"Krita plugin zip (for Krita's 'Import Python Plugin from File'): {install_krita.build_zip(ROOT / 'dist' / 'collage_diffusion.zip')}"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -113,9 +140,22 @@ def main() -> int:
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--demo", action="store_true", help="then generate examples/bento on the demo model")
     action.add_argument("--test", action="store_true", help="then run ruff and the test suite")
+    action.add_argument("--uninstall", action="store_true", help="remove the plugin from Krita")
+    parser.add_argument("--dev", action="store_true", help="link the Krita plugin to this checkout")
+    parser.add_argument("--no-krita", action="store_true", help="do not install the Krita plugin")
     args, rest = parser.parse_known_args()
 
+    if args.uninstall:
+        import install_krita
+
+        for line in install_krita.uninstall() or ["the plugin was not installed"]:
+            print(line)
+        return 0
     python = setup(args.venv.resolve(), args.torch, test=args.test)
+    if args.test:
+        ensure_krita_for_tests()  # the tests use throwaway Krita homes: the user's Krita is untouched
+    elif not args.no_krita:
+        install_plugin(python, args.dev)
     if args.demo:
         out = ROOT / "out" / "bento.png"
         run([python, "-m", "core.cli", "generate", ROOT / "examples" / "bento", "-o", out, *rest], cwd=ROOT)

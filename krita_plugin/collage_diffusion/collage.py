@@ -1,0 +1,281 @@
+"""From the document's layers to a bridge request: pure logic, standard library only.
+
+`document.py` turns Krita nodes into `LayerRecord`s (pixels already cropped, scaled and
+PNG-encoded); everything after that (which layers take part, their texts and weights, the
+generation size, regenerate) happens here, on plain data, so it is tested without Krita.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from . import wire
+from .settings import DocumentSettings, LayerSettings
+
+RESULTS_GROUP_NAME = "Collage results"
+
+# Names image editors give new layers: they say nothing about what the layer shows. The same rule
+# as core/formats/document.py (the CLI's reader of .ora/.psd), so a document gives the same collage
+# from the dock as from `collage generate`.
+_DEFAULT_NAME = re.compile(
+    r"""^(?:(?:paint|vector|fill|file|clone|text|shape|pasted|new|group)\s+)?
+        (?:layer|background|group|shape|rectangle|ellipse|polygon|clipboard)
+        (?:\s*\#?\d+)?                     # "Layer 3", "Layer #3"
+        (?:\s+copy(?:\s*\#?\d+)?)*         # "Layer 3 copy 2"
+        (?:\s*\(merged\))?$""",
+    re.IGNORECASE | re.VERBOSE,
+)
+
+
+def is_default_name(name: str) -> bool:
+    """Empty, a bare number, or a name an editor makes up ("Layer 3", "Paint Layer 2", "Background")."""
+    name = name.strip()
+    return not name or name.isdigit() or bool(_DEFAULT_NAME.match(name))
+
+
+def layer_text(settings: LayerSettings, name: str) -> str:
+    """What a layer shows: its text from the dock, else its name unless that is a made-up one ("")."""
+    return settings.text.strip() or ("" if is_default_name(name) else name.strip())
+
+
+@dataclass
+class LayerRecord:
+    """One visible layer of the document, as it will be sent.
+
+    `doc_box` is the layer's visible content in document pixels (cropped to alpha > 0 and to the
+    canvas); `png` is that content at generation scale, placed at (`x`, `y`) of the generated
+    image. `opacity` includes the opacity of the groups around the layer.
+    """
+
+    uid: str
+    name: str
+    kind: str  # Krita's node type: "paintlayer", "vectorlayer", "filelayer", "filllayer", ...
+    doc_box: tuple[int, int, int, int]
+    png: bytes
+    x: int
+    y: int
+    opacity: float = 1.0
+    path: tuple[str, ...] = ()  # names of the groups it is in, outermost first
+    note: str = ""  # how it was read, when that is worth saying ("projection", "converted")
+    # The bottom layer named "Background" whose pixels cover the canvas may become the image's
+    # background (see `build_request`): then one of these is set, flattened over white.
+    background_rgb: list[int] | None = None  # its colour, when it is a single one
+    background_png: bytes | None = None  # else the canvas at generation size, RGB
+
+
+@dataclass
+class NodeInfo:
+    """A layer as listed in the dock (no pixels): what the layer list shows and keys by."""
+
+    uid: str
+    name: str
+    kind: str
+    path: tuple[str, ...] = ()
+    depth: int = 0
+
+
+@dataclass
+class Plan:
+    """A request ready to send, with what the dock needs to handle its answer."""
+
+    request: wire.JobRequest
+    uids: list[str]  # the uniqueId of each layer of the request, in order
+    doc_size: tuple[int, int]
+    kind: str = "generate"  # "generate", "variants" or "regenerate"
+    regenerate_uid: str | None = None
+    regenerate_name: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def round8(value: float) -> int:
+    """The nearest multiple of 8, at least 64."""
+    return max(64, int(round(value / 8.0)) * 8)
+
+
+def generation_size(
+    doc_width: int, doc_height: int, policy: str, limits: wire.Limits | None = None
+) -> tuple[int, int]:
+    """The size of the generated image for a document, under a size policy.
+
+    "document": the document's own size (rounded to multiples of 8, and scaled down if the bridge's
+    pixel or side limits would refuse it); "512"/"768"/"1024": the longest side is that many
+    pixels, aspect kept. The engine needs multiples of 8 and at least 64 a side.
+    """
+    lim = limits or wire.Limits()
+    w, h = max(1, doc_width), max(1, doc_height)
+    if policy == "document":
+        scale = 1.0
+    else:
+        try:
+            scale = int(policy) / max(w, h)
+        except ValueError:
+            scale = 1.0
+    scale = min(scale, lim.max_side / max(w, h), math.sqrt(lim.max_canvas_pixels / (w * h)))
+    gw, gh = round8(w * scale), round8(h * scale)
+    while gw * gh > lim.max_canvas_pixels or max(gw, gh) > lim.max_side:  # rounding up overshot
+        gw, gh = (gw - 8, gh) if gw >= gh else (gw, gh - 8)
+    return gw, gh
+
+
+def result_layer_name(prompt: str, seed: int, regenerated: str | None = None, limit: int = 48) -> str:
+    """A result layer's name: the prompt (shortened), then the seed (and what was regenerated)."""
+    text = " ".join(prompt.split()) or "collage"
+    if len(text) > limit:
+        text = text[: limit - 1].rstrip() + "…"
+    if regenerated is not None:
+        return f"{text} · regenerated {regenerated} · seed {seed}"
+    return f"{text} · seed {seed}"
+
+
+def build_request(
+    records: list[LayerRecord],
+    settings: DocumentSettings,
+    layers: dict[str, LayerSettings],
+    size: tuple[int, int],
+    doc_size: tuple[int, int],
+    *,
+    kind: str = "generate",
+    seed: int | None = None,
+    variants: int = 1,
+    base_png: bytes | None = None,
+    regenerate_uid: str | None = None,
+    model: str | None = None,
+) -> tuple[Plan | None, list[str]]:
+    """The request for the layers that take part, or None and what stops it (plain sentences).
+
+    `records` are the document's visible, non-empty layers bottom to top; `layers` their settings
+    by uniqueId (`DocumentSettings.resolve`). Layers ticked off in the dock are left out.
+    """
+    problems: list[str] = []
+    notes: list[str] = []
+    chosen: list[LayerRecord] = []
+    specs: list[wire.LayerSpec] = []
+    background: list[int] | None = None
+    background_png: bytes | None = None
+    background_uid = None
+    skipped: dict[str, str] = {}  # uid -> why it is not a layer of the request
+    for r in records:
+        s = layers.get(r.uid, LayerSettings())
+        if not s.enabled:
+            skipped[r.uid] = "ticked off"
+            continue
+        if r.opacity <= 0:
+            skipped[r.uid] = "at opacity 0"
+            notes.append(f"layer '{r.name}' has opacity 0; left out")
+            continue
+        if (
+            not chosen
+            and background_uid is None
+            and (r.background_rgb is not None or r.background_png is not None)
+            and not s.text.strip()
+        ):
+            background, background_png, background_uid = r.background_rgb, r.background_png, r.uid
+            skipped[r.uid] = "the background"
+            notes.append(f"layer '{r.name}' is the background (give it a text to make it an object)")
+            continue
+        text = layer_text(s, r.name)
+        if not text:
+            skipped[r.uid] = "not described"
+            notes.append(
+                f"layer '{r.name}' is left out: its name says nothing about what it shows;"
+                " give it a text in the dock (or a name like 'a red armchair')"
+            )
+            continue
+        chosen.append(r)
+        specs.append(
+            wire.LayerSpec(
+                text=text,
+                png=r.png,
+                x=r.x,
+                y=r.y,
+                name=r.name,
+                opacity=round(min(1.0, max(0.0, r.opacity)), 4),
+                strength=s.strength,
+                attention_weight=s.attention_weight,
+                control_weight=s.control_weight,
+                appearance=s.appearance,
+            )
+        )
+    if not records:
+        problems.append(
+            "The document has no visible layer with content to send (hidden and empty layers are left out)."
+        )
+    elif not chosen:
+        problems.append("No layer to generate from: tick at least one layer in the list and describe it.")
+        problems += [n for n in notes if "left out" in n]
+    regenerate_index = None
+    regenerate_name = ""
+    if kind == "regenerate":
+        if base_png is None:
+            problems.append("Nothing to regenerate from yet: generate an image first.")
+        uids = [r.uid for r in chosen]
+        if regenerate_uid is None:
+            problems.append("Select the layer to regenerate in Krita's layer list first.")
+        elif regenerate_uid not in uids:
+            names = {r.uid: r.name for r in records}
+            why = skipped.get(regenerate_uid)
+            if why == "ticked off":
+                problems.append(
+                    f"The selected layer '{names[regenerate_uid]}' is ticked off in the dock: tick it to regenerate it."
+                )
+            elif why is not None:
+                problems.append(
+                    f"The selected layer '{names[regenerate_uid]}' is not an object of the collage ({why}):"
+                    " give it a text in the dock, or select another layer."
+                )
+            else:
+                problems.append(
+                    "The selected layer is not part of the collage (it is hidden, empty, a result layer"
+                    " or not a layer the dock lists): select one of the collage's layers."
+                )
+        else:
+            regenerate_index = uids.index(regenerate_uid)
+            regenerate_name = chosen[regenerate_index].name
+    if problems:
+        return None, problems
+    # Without a prompt, the layers' texts, bottom to top, each once (as the CLI's readers do).
+    prompt = settings.prompt.strip() or ", ".join(dict.fromkeys(spec.text for spec in specs))
+    request = wire.JobRequest(
+        prompt=prompt,
+        negative_prompt=settings.negative_prompt,
+        layers=specs,
+        width=size[0],
+        height=size[1],
+        seed=settings.seed if seed is None else seed,
+        variants=variants,
+        steps=settings.steps,
+        guidance_scale=settings.guidance_scale,
+        strength=settings.strength,
+        model=model,
+    )
+    if background is not None:
+        request.background = list(background)
+    if background_png is not None:
+        request.background_png = background_png
+    if regenerate_index is not None:
+        request.base_image = base_png
+        request.regenerate_layer = regenerate_index
+    problems = request.validate()
+    if problems:
+        return None, [_plain_problem(p, chosen) for p in problems]
+    plan = Plan(
+        request=request,
+        uids=[r.uid for r in chosen],
+        doc_size=doc_size,
+        kind=kind,
+        regenerate_uid=regenerate_uid if regenerate_index is not None else None,
+        regenerate_name=regenerate_name,
+        notes=notes + [f"layer '{r.name}': {r.note}" for r in chosen if r.note],
+    )
+    return plan, []
+
+
+def _plain_problem(problem: str, chosen: list[LayerRecord]) -> str:
+    """A validation problem with ``layers[i]`` replaced by the layer's name."""
+    if problem.startswith("layers[") and "]" in problem:
+        index_text, _, rest = problem[len("layers[") :].partition("]")
+        if index_text.isdigit() and int(index_text) < len(chosen):
+            return f"layer '{chosen[int(index_text)].name}'{rest}"
+    return problem

@@ -1,0 +1,343 @@
+"""The dock's state and actions, without widgets: connection, the running job, the last results.
+
+The dock (UI) and the Krita tests drive the same object: actions return at once and report
+through signals; tests wait with ``model.wait_idle()`` (which runs Qt's event loop).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from . import collage, document, messages, qt, results, wire
+from .client import BridgeClient, Call, JobFollower
+
+# Connection states.
+UNKNOWN, CONNECTING, CONNECTED, DISCONNECTED, REFUSED = (
+    "unknown",
+    "connecting",
+    "connected",
+    "disconnected",
+    "refused",
+)
+
+#: Seconds between health checks: while connected, and while not (reconnecting).
+CHECK_CONNECTED_S = 20.0
+CHECK_DISCONNECTED_S = 3.0
+
+
+@dataclass
+class ResultEntry:
+    seed: int
+    png: bytes
+    name: str
+    node_uid: str
+
+
+@dataclass
+class ResultSet:
+    """The results of the last finished job of one document."""
+
+    doc_key: str
+    plan: collage.Plan
+    entries: list[ResultEntry] = field(default_factory=list)
+    picked: int = 0
+
+    @property
+    def base_png(self) -> bytes | None:
+        return self.entries[self.picked].png if self.entries else None
+
+
+class CollageModel(qt.QObject):
+    """Signals:
+
+    - ``connection_changed(state, text)``: a connection state above and a sentence for the dock
+    - ``busy_changed(bool)``: a job is being prepared, run or written
+    - ``progress(text, fraction)`` and ``preview(png)`` while a job runs
+    - ``results_changed()``: new results were written (see `results_for`)
+    - ``error(text)``: something failed; plain words, shown in the dock
+    - ``notice(text)``: information ("3 layers sent", "connection lost, retrying…")
+    """
+
+    connection_changed = qt.pyqtSignal(str, str)
+    busy_changed = qt.pyqtSignal(bool)
+    progress = qt.pyqtSignal(str, float)
+    preview = qt.pyqtSignal(bytes)
+    results_changed = qt.pyqtSignal()
+    error = qt.pyqtSignal(str)
+    notice = qt.pyqtSignal(str)
+
+    def __init__(self, url: str = "", token: str = "", parent=None):
+        super().__init__(parent)
+        self.client = BridgeClient(url, token, self)
+        self.state = UNKNOWN
+        self.state_text = ""
+        self.info: wire.InfoResponse | None = None
+        self.busy = False
+        self.follower: JobFollower | None = None
+        self.job_id = ""
+        self.last_error = ""
+        self.last_written: list = []  # nodes written by the last job (tests look at them)
+        self._results: dict[str, ResultSet] = {}
+        self._checking: Call | None = None
+        self._monitor = qt.QTimer(self)
+        self._monitor.setSingleShot(True)
+        self._monitor.timeout.connect(self.check_connection)
+        self._pending_doc = None
+        self._plan: collage.Plan | None = None
+        self._cancel_requested = False
+
+    # -- connection --------------------------------------------------------------------------------
+
+    def configure(self, url: str, token: str) -> None:
+        """New address or token: check the connection again now."""
+        self.client.configure(url, token)
+        self.info = None
+        self.state = UNKNOWN
+        self._checking = None  # an answer from the old address is ignored (see _on_info)
+        self.check_connection()
+
+    def start_monitor(self) -> None:
+        """Check the connection now and then (reconnecting by itself after the bridge was down)."""
+        self.check_connection()
+
+    def stop_monitor(self) -> None:
+        self._monitor.stop()
+
+    def check_connection(self) -> Call:
+        if self._checking is not None and not self._checking.done:
+            return self._checking
+        if self.state == UNKNOWN:  # while down, the last error stays shown between attempts
+            self._set_state(CONNECTING, f"Connecting to {self.client.url}…")
+        self._checking = self.client.info().then(self._on_info)
+        return self._checking
+
+    def _on_info(self, call: Call) -> None:
+        if call.url != self.client.url:
+            return
+        if call.ok:
+            try:
+                self.info = wire.InfoResponse.from_dict(call.json())
+            except (TypeError, ValueError):
+                self.info = None
+            if self.info is not None and self.info.api_version != wire.API_VERSION:
+                self._set_state(
+                    REFUSED,
+                    f"The bridge speaks API version {self.info.api_version}, this plugin {wire.API_VERSION}:"
+                    " update the plugin or the bridge so both are the same version.",
+                )
+            else:
+                self._set_state(CONNECTED, self._connected_text())
+        elif call.status in (401, 403):
+            self._set_state(REFUSED, call.error)
+        else:
+            self._set_state(DISCONNECTED, f"{call.error} (trying again every {CHECK_DISCONNECTED_S:g} s)")
+        delay = CHECK_CONNECTED_S if self.state == CONNECTED else CHECK_DISCONNECTED_S
+        self._monitor.start(int(delay * 1000))
+
+    def _connected_text(self) -> str:
+        if self.info is None:
+            return f"Connected to {self.client.url}"
+        where = self.info.device if self.info.device != "auto" else "loaded on first job"
+        queue = f", {self.info.queue_length} waiting" if self.info.queue_length else ""
+        return f"Connected: model {self.info.model} ({where}){queue}"
+
+    def _set_state(self, state: str, text: str) -> None:
+        changed = (state, text) != (self.state, self.state_text)
+        self.state, self.state_text = state, text
+        if changed:
+            self.connection_changed.emit(state, text)
+
+    # -- generating --------------------------------------------------------------------------------
+
+    def generate(self, doc, kind: str = "generate", active_uid: str | None = None) -> bool:
+        """Start a job for `doc`: "generate" (one image, the seed of the settings), "variants"
+        (the variant count, from a new random seed) or "regenerate" (the layer `active_uid`,
+        default Krita's active layer, redone on the last result). False when it did not start
+        (the reason went out through `error`)."""
+        if self.busy:
+            return self._refuse("A generation is already running: wait for it or press Cancel.")
+        if doc is None:
+            return self._refuse("Open a document first.")
+        settings = document.load_settings(doc)
+        limits = wire.Limits.from_dict(self.info.limits) if self.info is not None else None
+        size = collage.generation_size(doc.width(), doc.height(), settings.size_policy, limits)
+        try:
+            records, stats = document.read_layers(doc, size, settings.results_group)
+        except Exception as error:  # a Krita API surprise must not take the dock down
+            return self._refuse(f"Could not read the document's layers: {error}")
+        listed = document.list_layers(doc, settings.results_group)
+        layer_settings = settings.resolve([(n.uid, n.name) for n in listed])
+        seed, variants, base = settings.seed, 1, None
+        if kind == "variants":
+            seed, variants = random.randrange(2**31), settings.variants
+        elif kind == "regenerate":
+            seed = random.randrange(2**31)
+            if active_uid is None:
+                active_uid = document.active_layer_uid(doc)
+            base = self._regenerate_base(doc, size, settings.results_group)
+        plan, problems = collage.build_request(
+            records,
+            settings,
+            layer_settings,
+            size,
+            (doc.width(), doc.height()),
+            kind=kind,
+            seed=seed,
+            variants=variants,
+            base_png=base,
+            regenerate_uid=active_uid,
+        )
+        if plan is None:
+            return self._refuse("\n".join(problems))
+        settings.update_layers(layer_settings)
+        document.save_settings(doc, settings)
+        self._pending_doc = doc
+        self._plan = plan
+        self._cancel_requested = False
+        self.last_error = ""
+        self._set_busy(True)
+        what = {
+            "generate": "Generating",
+            "variants": f"Generating {variants} variants",
+            "regenerate": "Regenerating",
+        }
+        self.progress.emit("sending…", 0.0)
+        details = "".join(f"\n• {line}" for line in [*stats.skipped, *plan.notes])
+        self.notice.emit(f"{what[kind]}: {len(plan.uids)} layers at {size[0]}×{size[1]}.{details}")
+        self.client.submit(plan.request).then(self._on_submitted)
+        return True
+
+    def _regenerate_base(self, doc, size, results_uid: str) -> bytes | None:
+        """The last result (the picked variant) at generation size; after a reopen, the topmost
+        visible layer of the results group."""
+        last = self._results.get(document.document_key(doc))
+        if last is not None and last.base_png is not None and wire.png_size(last.base_png) == tuple(size):
+            entry = last.entries[last.picked]
+            node = document.node_by_uid(doc, entry.node_uid)
+            if node is not None and node.visible():
+                return last.base_png
+        node = results.top_visible_result(doc, results_uid)
+        if node is None:
+            return None
+        return document.read_canvas_png(node, (doc.width(), doc.height()), size)
+
+    def _on_submitted(self, call: Call) -> None:
+        plan = self._plan
+        names = [layer.name for layer in plan.request.layers] if plan else []
+        if not call.ok:
+            text = call.error
+            if call.status in (400, 422):
+                text = messages.http_error_text(call.status, call.body, "", names)
+            if call.status == 0:
+                self._set_state(DISCONNECTED, call.error)
+                self._monitor.start(int(CHECK_DISCONNECTED_S * 1000))
+            self._finish(text)
+            return
+        self._set_state(CONNECTED, self._connected_text())
+        status = wire.JobStatus.from_dict(call.json())
+        self.job_id = status.id
+        follower = JobFollower(self.client, status.id, names, self)
+        follower.progress.connect(self._on_progress)
+        follower.retrying.connect(self.notice)
+        follower.succeeded.connect(self._on_succeeded)
+        follower.failed.connect(self._on_failed)
+        self.follower = follower
+        self.progress.emit(messages.progress_text(None, status.state), 0.0)
+        follower.start()
+        if self._cancel_requested:
+            self.cancel()
+
+    def _on_progress(self, event: wire.ProgressEvent) -> None:
+        self.progress.emit(messages.progress_text(event), messages.progress_fraction(event))
+        if event.preview:
+            self.preview.emit(bytes(event.preview))
+
+    def _on_succeeded(self, status: wire.JobStatus, fetched: list) -> None:
+        doc, plan = self._pending_doc, self._plan
+        try:
+            self._write(doc, plan, fetched)
+        except Exception as error:
+            self._finish(f"The results arrived but could not be written into the document: {error}")
+            return
+        self.progress.emit("done", 1.0)
+        self._finish("")
+        self.results_changed.emit()
+
+    def _write(self, doc, plan: collage.Plan, fetched: list) -> None:
+        settings = document.load_settings(doc)
+        regenerated = plan.regenerate_name if plan.kind == "regenerate" else None
+        named = [
+            (png, collage.result_layer_name(plan.request.prompt, info.seed, regenerated))
+            for info, png in fetched
+        ]
+        group, nodes = results.write_results(doc, named, settings.results_group)
+        self.last_written = nodes
+        settings.results_group = document.uid_of(group)
+        document.save_settings(doc, settings)
+        entries = [
+            ResultEntry(seed=info.seed, png=png, name=name, node_uid=document.uid_of(node))
+            for (info, png), (_, name), node in zip(fetched, named, nodes, strict=True)
+        ]
+        self._results[document.document_key(doc)] = ResultSet(document.document_key(doc), plan, entries)
+
+    def _on_failed(self, message: str) -> None:
+        cancelled = self.follower is not None and self.follower.cancelled
+        self.progress.emit("cancelled" if cancelled else "failed", 0.0)
+        self._finish("" if cancelled else message, notice="Cancelled." if cancelled else "")
+
+    def _refuse(self, message: str) -> bool:
+        self.last_error = message
+        self.error.emit(message)
+        return False
+
+    def _finish(self, error: str, notice: str = "") -> None:
+        self.follower = None
+        self._pending_doc = None
+        self._set_busy(False)
+        if error:
+            self._refuse(error)
+        if notice:
+            self.notice.emit(notice)
+
+    def _set_busy(self, busy: bool) -> None:
+        if busy != self.busy:
+            self.busy = busy
+            self.busy_changed.emit(busy)
+
+    def cancel(self) -> None:
+        """Ask the bridge to stop the running job; its state comes back through the follower."""
+        if not self.busy:
+            return
+        self.progress.emit("cancelling…", 0.0)
+        if self.follower is None:  # still being sent: cancelled as soon as the bridge has it
+            self._cancel_requested = True
+            return
+
+        def answered(call: Call) -> None:
+            if not call.ok and call.status != 409:  # 409: it had finished already
+                self.error.emit(f"Could not cancel: {call.error}")
+
+        self.follower.cancel().then(answered)
+
+    def wait_idle(self, timeout_s: float = 120.0) -> bool:
+        """Run the event loop until no job is running (scripts and tests)."""
+        return qt.spin(lambda: not self.busy, int(timeout_s * 1000))
+
+    # -- results -------------------------------------------------------------------------------------
+
+    def results_for(self, doc) -> ResultSet | None:
+        return self._results.get(document.document_key(doc)) if doc is not None else None
+
+    def pick(self, doc, index: int) -> int | None:
+        """Show variant `index` of the last job (and hide its other variants); its seed."""
+        last = self.results_for(doc)
+        if last is None or not 0 <= index < len(last.entries):
+            return None
+        settings = document.load_settings(doc)
+        group = results.find_results_group(doc, settings.results_group)
+        if group is not None:
+            results.show_only(group, last.entries[index].node_uid, [e.node_uid for e in last.entries])
+            doc.refreshProjection()
+        last.picked = index
+        return last.entries[index].seed

@@ -1,0 +1,176 @@
+"""Per-document and per-layer settings, kept inside the document as one JSON annotation.
+
+Krita saves annotations into the .kra file, so the prompt, the seed, which layers take part and
+each layer's text and sliders come back when the document is reopened. Layers are keyed by
+Krita's node uniqueId (which .kra files keep); when a document's layers got new ids (a copy, an
+import from .ora/.psd) an entry is matched by the layer's name instead, if that is unambiguous.
+
+Standard library only: reading never raises, whatever the annotation holds (a broken or future
+annotation gives the defaults for what cannot be read).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+
+#: The annotation's type in the document (and in the .kra file: ``annotations/collage-diffusion``).
+ANNOTATION_TYPE = "collage-diffusion"
+ANNOTATION_DESCRIPTION = "Collage Diffusion settings (prompt, seed, per-layer texts and weights)"
+VERSION = 1
+
+#: Size policies: how big the generated image is, given the document's size.
+SIZE_POLICIES = {
+    "document": "Document size",
+    "512": "Fit 512 px",
+    "768": "Fit 768 px",
+    "1024": "Fit 1024 px",
+}
+
+#: Ranges of the numeric settings (the wire format's), used to clamp what is read.
+RANGES = {
+    "seed": (0, 2**63 - 1),
+    "steps": (1, 1000),
+    "variants": (1, 16),
+    "strength": (0.0, 1.0),
+    "guidance_scale": (0.0, 100.0),
+    "attention_weight": (0.0, 10.0),
+    "control_weight": (0.0, 2.0),
+}
+
+
+@dataclass
+class LayerSettings:
+    name: str = ""  # the layer's name when last seen (for the name fallback)
+    enabled: bool = True  # takes part in the collage
+    text: str = ""  # what the layer shows; empty: the layer's name
+    strength: float = 0.75  # how much this layer's region may change (SDEdit strength)
+    attention_weight: float = 1.0
+    control_weight: float = 0.0
+    appearance: bool = False  # learn this layer's look (textual inversion)
+
+
+@dataclass
+class DocumentSettings:
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 30
+    size_policy: str = "document"
+    variants: int = 4
+    strength: float = 0.75  # the job's strength: what no layer covers (the background)
+    guidance_scale: float = 7.5
+    layers: dict[str, LayerSettings] = field(default_factory=dict)  # by node uniqueId
+    results_group: str = ""  # uniqueId of the "Collage results" group
+
+    # -- JSON ----------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layers"}
+        data["version"] = VERSION
+        data["layers"] = {uid: vars(s).copy() for uid, s in self.layers.items()}
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes | None) -> DocumentSettings:
+        """Settings from an annotation; defaults for whatever is missing or unreadable."""
+        if not text:
+            return cls()
+        try:
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError):
+            return cls()
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: object) -> DocumentSettings:
+        if not isinstance(data, dict):
+            return cls()
+        settings = cls(**_read(cls, data, skip=("layers",)))
+        if settings.size_policy not in SIZE_POLICIES:
+            settings.size_policy = "document"
+        layers = data.get("layers")
+        if isinstance(layers, dict):
+            for uid, entry in layers.items():
+                if isinstance(uid, str) and isinstance(entry, dict):
+                    settings.layers[uid] = LayerSettings(**_read(LayerSettings, entry))
+        return settings
+
+    # -- layers ----------------------------------------------------------------------------------
+
+    def resolve(self, nodes: list[tuple[str, str]]) -> dict[str, LayerSettings]:
+        """The settings of each of the document's layers, given as (uniqueId, name) pairs.
+
+        A layer's own entry (same uniqueId) wins. A layer without one takes the entry saved under
+        the same name, when exactly one such entry exists, its uniqueId is not a layer of this
+        document and no other layer of the document has that name. Otherwise the defaults.
+        The result is keyed by uniqueId; entries found by name are copied under the new id.
+        """
+        present = {uid for uid, _ in nodes}
+        name_count: dict[str, int] = {}
+        for _, name in nodes:
+            name_count[name] = name_count.get(name, 0) + 1
+        orphans: dict[str, list[LayerSettings]] = {}
+        for uid, entry in self.layers.items():
+            if uid not in present:
+                orphans.setdefault(entry.name, []).append(entry)
+        resolved = {}
+        for uid, name in nodes:
+            entry = self.layers.get(uid)
+            if entry is None:
+                candidates = orphans.get(name, [])
+                if len(candidates) == 1 and name_count[name] == 1 and name:
+                    entry = LayerSettings(**vars(candidates[0]))
+                else:
+                    entry = LayerSettings()
+            entry.name = name
+            resolved[uid] = entry
+        return resolved
+
+    def layer(self, uid: str, name: str) -> LayerSettings:
+        """One layer's settings (the name fallback applies as in `resolve`, for this layer alone)."""
+        return self.resolve([(uid, name)])[uid]
+
+    def update_layers(self, resolved: dict[str, LayerSettings], keep: int = 500) -> None:
+        """Store `resolved` (from `resolve`, maybe edited); entries of layers no longer in the
+        document are kept (an undo may bring a layer back), the oldest dropped beyond `keep`."""
+        for uid, entry in resolved.items():
+            self.layers.pop(uid, None)
+            self.layers[uid] = entry  # re-inserted: the most recently seen come last
+        while len(self.layers) > keep:
+            self.layers.pop(next(iter(self.layers)))
+
+
+def _read(cls: type, data: dict, skip: tuple[str, ...] = ()) -> dict:
+    """The fields of `cls` found in `data` with a usable value (clamped to RANGES)."""
+    defaults = cls()
+    out = {}
+    for f in fields(cls):
+        if f.name in skip or f.name not in data:
+            continue
+        value, default = data[f.name], getattr(defaults, f.name)
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                out[f.name] = value
+        elif isinstance(default, int):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                out[f.name] = _clamp(f.name, int(value))
+        elif isinstance(default, float):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                out[f.name] = _clamp(f.name, float(value))
+        elif isinstance(default, str) and isinstance(value, str):
+            out[f.name] = value
+    return out
+
+
+def _clamp(name: str, value):
+    low, high = RANGES.get(name, (None, None))
+    if low is not None and value < low:
+        return low
+    if high is not None and value > high:
+        return high
+    return value

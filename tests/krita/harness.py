@@ -1,0 +1,98 @@
+"""Helpers shared by the tests that run the plugin in other processes (real Krita, or a Python
+with PyQt5/PyQt6): a bridge on the demo model, free ports, clean environments."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """os.environ without the virtualenv: Krita's embedded Python (and a system Python) must not
+    find the venv's python on PATH, or it adopts the venv's prefix and loses the system PyQt."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = os.pathsep.join(
+        p for p in env.get("PATH", "").split(os.pathsep) if p and not (Path(p).parent / "pyvenv.cfg").exists()
+    )
+    env.update(extra)
+    return env
+
+
+def throwaway_home(home: Path, **extra: str) -> dict[str, str]:
+    """A clean environment whose HOME and XDG folders are under `home` (nothing of the user's
+    Krita setup is read or changed), rendering offscreen."""
+    for sub in (".config", ".local/share", ".cache", "run"):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    (home / "run").chmod(0o700)
+    return clean_env(
+        HOME=str(home),
+        XDG_CONFIG_HOME=str(home / ".config"),
+        XDG_DATA_HOME=str(home / ".local/share"),
+        XDG_CACHE_HOME=str(home / ".cache"),
+        XDG_RUNTIME_DIR=str(home / "run"),
+        QT_QPA_PLATFORM="offscreen",
+        PYTHONDONTWRITEBYTECODE="1",
+        **extra,
+    )
+
+
+@contextlib.contextmanager
+def bridge(data_dir: Path, timeout: float = 120.0):
+    """A bridge on the demo model on a free port, its model loaded; yields its URL.
+
+    COLLAGE_CACHE comes from the environment (the demo_model_dir fixture sets it)."""
+    port = free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / "bridge.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bridge_server",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(data_dir),
+                "--preload",
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    with urllib.request.urlopen(url + "/info", timeout=2) as r:
+                        if json.loads(r.read())["model_loaded"]:
+                            break
+                except OSError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the test bridge did not start:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.3)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()

@@ -1,0 +1,242 @@
+"""A screenshot of the dock in a real Krita window, on a virtual X display (Xvfb).
+
+    python tests/krita/screenshot.py [--out docs/images/dock.png] [--no-bridge]
+
+Installs the plugin (install_krita.py) into a throwaway HOME, with a small helper plugin that,
+once Krita's window is up, opens the test collage (krita_suite.build_document), shows the
+Collage Diffusion dock, generates two variants on a demo-model bridge started here, and grabs
+the screen. Needs: krita, xvfb (``apt-get install krita xvfb python3-pyqt5``), and the project's
+environment for the bridge. Takes about a minute.
+
+The helper plugin below is copied into the throwaway pykrita folder; it runs inside Krita.
+"""
+
+from __future__ import annotations
+
+HELPER = r"""
+import os, traceback
+from krita import Extension, Krita
+from collage_diffusion import qt
+
+class Shot(Extension):
+    def setup(self):
+        pass
+
+    def createActions(self, window):
+        qt.QTimer.singleShot(4000, self.run)
+
+    def run(self):
+        out = os.environ["COLLAGE_SHOT_OUT"]
+        try:
+            self._run(out)
+        except Exception:
+            with open(out + ".error", "w") as f:
+                f.write(traceback.format_exc())
+
+    def _run(self, out):
+        import krita_suite
+        from collage_diffusion import document
+
+        app = Krita.instance()
+        window = app.activeWindow()
+        screen = qt.QtWidgets.QApplication.primaryScreen()
+        window.qwindow().setGeometry(screen.availableGeometry())  # no window manager on Xvfb
+        app.setBatchmode(True)  # no import dialogs (the SVG asks for a resolution otherwise)
+        doc = krita_suite.build_document()
+        app.setBatchmode(False)
+        doc.setBatchmode(False)
+        window.addView(doc)
+        krita_suite.set_prompt(doc, "a red sign, a cat and a ball on green grass, picture book style", steps=6,
+                               cat="a ginger cat", ball="a red ball", ground="green grass")
+        settings = document.load_settings(doc)
+        settings.variants = 2
+        document.save_settings(doc, settings)
+        for dock in app.dockers():
+            name = dock.objectName()
+            if name == "collage_diffusion_dock":
+                self.dock = dock
+            elif name not in ("KisLayerBox",):
+                dock.hide()
+        qwindow = window.qwindow()
+        qwindow.addDockWidget(qt.Qt.DockWidgetArea.LeftDockWidgetArea, self.dock)
+        self.dock.show()
+        self.dock.raise_()
+        qwindow.resizeDocks([self.dock], [400], qt.Qt.Orientation.Horizontal)
+        panel = self.dock.panel
+        bridge = os.environ.get("COLLAGE_SHOT_BRIDGE")
+        if bridge:
+            panel.url.setText(bridge)
+            panel._reconnect()
+            qt.spin(lambda: panel.model.state == "connected", 20000)
+        panel.refresh()
+        if bridge:
+            panel.variants_button.click()
+            qt.spin(lambda: panel.model.busy, 5000)
+            qt.spin(lambda: not panel.model.busy, 120000)
+        qt.spin(lambda: False, 1500)
+        doc.refreshProjection()
+        qt.spin(lambda: False, 1000)
+
+        def tree(node, depth=0):
+            return [("  " * depth) + f"{n.name()} ({n.type()}, visible={n.visible()})" + "\n" + "".join(tree(n, depth + 1))
+                    for n in node.childNodes()]
+
+        with open(out + ".txt", "w", encoding="utf-8") as f:
+            f.write("".join(reversed(tree(doc.rootNode()))))
+            f.write(f"\nerror: {panel.error.text()}\nnotice: {panel.notice.text()}\nprogress: {panel.progress.format()}\n")
+        screen.grabWindow(0).save(out + ".tmp.png")
+        os.replace(out + ".tmp.png", out)
+        doc.setModified(False)
+
+Krita.instance().addExtension(Shot(Krita.instance()))
+"""
+
+DESKTOP = """[Desktop Entry]
+Type=Service
+ServiceTypes=Krita/PythonPlugin
+X-KDE-Library=collage_screenshot
+X-Python-2-Compatible=false
+Name=Collage screenshot helper
+Comment=Takes the docs screenshot (tests/krita/screenshot.py)
+"""
+
+
+def main() -> int:
+    import argparse
+    import json
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root))
+    import install_krita
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=root / "docs" / "images" / "dock.png")
+    p.add_argument("--no-bridge", action="store_true", help="no bridge: the dock shows 'cannot reach'")
+    p.add_argument("--size", default="1600x1300")
+    p.add_argument("--keep", action="store_true", help="keep the throwaway HOME (printed)")
+    args = p.parse_args()
+    for tool in ("krita", "Xvfb"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is not installed (apt-get install krita xvfb python3-pyqt5)")
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    tmp = Path(tempfile.mkdtemp(prefix="collage-shot-"))
+    home = tmp / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = os.pathsep.join(
+        d for d in env.get("PATH", "").split(os.pathsep) if d and not (Path(d).parent / "pyvenv.cfg").exists()
+    )
+    for name in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
+        env.pop(name, None)
+    env.update(HOME=str(home), XDG_RUNTIME_DIR=str(tmp / "run"), PYTHONDONTWRITEBYTECODE="1")
+    (tmp / "run").mkdir(mode=0o700)
+    pykrita = install_krita.pykrita_dir("linux", {"HOME": str(home)})
+    kritarc = install_krita.kritarc_path("linux", {"HOME": str(home)})
+    install_krita.install(dev=False, bridge_python=Path(sys.executable), target=pykrita, kritarc=kritarc)
+    (pykrita / "collage_screenshot").mkdir()
+    (pykrita / "collage_screenshot" / "__init__.py").write_text(HELPER)
+    (pykrita / "collage_screenshot.desktop").write_text(DESKTOP)
+    text = kritarc.read_text()
+    text = install_krita.set_ini_value(text, "python", "enable_collage_screenshot", "true")
+    # No splash, no welcome-page news, a dark theme as most painters use.
+    text = install_krita.set_ini_value(text, "General", "HideSplashAfterStartup", "true")
+    text = install_krita.set_ini_value(text, "SplashScreen", "HideSplashAfterStartup", "true")
+    kritarc.write_text(text)
+
+    processes = []
+    try:
+        bridge_url = ""
+        if not args.no_bridge:
+            port = free_port()
+            bridge_env = {**os.environ, "COLLAGE_CACHE": os.environ.get("COLLAGE_CACHE", str(tmp / "cache"))}
+            log = open(tmp / "bridge.log", "w")  # noqa: SIM115
+            processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bridge_server",
+                        "--port",
+                        str(port),
+                        "--data-dir",
+                        str(tmp / "bridge"),
+                        "--preload",
+                    ],
+                    cwd=root,
+                    env=bridge_env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+            bridge_url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    with urllib.request.urlopen(bridge_url + "/info", timeout=2) as r:
+                        if json.loads(r.read())["model_loaded"]:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline or processes[-1].poll() is not None:
+                    sys.exit("the bridge did not start:\n" + (tmp / "bridge.log").read_text()[-2000:])
+                time.sleep(0.5)
+        display = f":{free_port() % 400 + 100}"
+        processes.append(
+            subprocess.Popen(["Xvfb", display, "-screen", "0", f"{args.size}x24", "-nolisten", "tcp"])
+        )
+        time.sleep(1.5)
+        shot = tmp / "shot.png"
+        kenv = {
+            **env,
+            "DISPLAY": display,
+            "QT_QPA_PLATFORM": "xcb",
+            "COLLAGE_SHOT_OUT": str(shot),
+            "COLLAGE_SHOT_BRIDGE": bridge_url,
+            "PYTHONPATH": os.pathsep.join([str(root / "tests" / "krita")]),
+        }
+        klog = open(tmp / "krita.log", "w")  # noqa: SIM115
+        krita = subprocess.Popen(["krita", "--nosplash"], env=kenv, stdout=klog, stderr=subprocess.STDOUT)
+        processes.append(krita)
+        deadline = time.monotonic() + 300
+        while not shot.exists():
+            error = Path(str(shot) + ".error")
+            if error.exists():
+                sys.exit("the helper failed inside Krita:\n" + error.read_text())
+            if krita.poll() is not None or time.monotonic() > deadline:
+                sys.exit("no screenshot; Krita's log:\n" + (tmp / "krita.log").read_text()[-3000:])
+            time.sleep(0.5)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, args.out)
+        print(f"wrote {args.out}")
+        print(Path(str(shot) + ".txt").read_text())
+    finally:
+        for process in reversed(processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

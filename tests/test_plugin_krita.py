@@ -1,0 +1,94 @@
+"""The Krita plugin inside real Krita (kritarunner, headless) against a bridge on the demo model.
+
+The checks themselves run inside Krita (tests/krita/krita_suite.py); this file starts a bridge,
+runs Krita once with a throwaway HOME, and turns each check of the JSON report into a test.
+Needs Krita with Python scripting: ``apt-get install krita python3-pyqt5`` (Debian 12: Krita 5.1.5).
+One run: about 10 s of Krita start-up (the first in a new HOME builds Krita's resource database),
+5 s of bridge start-up and 10-20 s of checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "krita"))
+import harness  # noqa: E402
+
+ROOT = harness.ROOT
+KRITARUNNER = shutil.which("kritarunner")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        KRITARUNNER is None,
+        reason="kritarunner is not installed (Debian/Ubuntu: apt-get install krita python3-pyqt5)",
+    ),
+]
+
+#: The checks of tests/krita/krita_suite.py, in its order.
+CHECKS = [
+    "read_collage",
+    "background_layer_becomes_the_background",
+    "reading_never_changes_the_document",
+    "settings_survive_save_and_reopen",
+    "generate_writes_new_layers",
+    "regenerate_changes_only_that_layer",
+    "regenerate_after_reopen_uses_the_result_layer",
+    "cancel_stops_and_writes_nothing",
+    "bridge_down_gives_a_clear_error",
+    "bridge_errors_in_plain_words",
+    "local_bridge_starts_and_stops",
+    "dock_panel_builds",
+]
+
+
+@pytest.fixture(scope="module")
+def krita_report(demo_model_dir, tmp_path_factory):
+    """Runs every check inside Krita once; the JSON report."""
+    tmp = tmp_path_factory.mktemp("krita")
+    config = tmp / "collage_diffusion_bridge.json"
+    config.write_text(json.dumps({"python": sys.executable, "project": str(ROOT), "model": "demo"}))
+    report = tmp / "report.json"
+    with harness.bridge(tmp / "bridge") as url:
+        env = harness.throwaway_home(
+            tmp / "home",
+            PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "krita"), str(ROOT / "krita_plugin")]),
+            COLLAGE_TEST_REPORT=str(report),
+            COLLAGE_TEST_BRIDGE=url,
+            COLLAGE_TEST_DIR=str(tmp / "scratch"),
+            COLLAGE_BRIDGE_CONFIG=str(config),
+            COLLAGE_TEST_LOCAL_PORT=str(harness.free_port()),
+        )
+        t = time.monotonic()
+        done = subprocess.run(
+            [KRITARUNNER, "-s", "krita_suite"], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT
+        )
+    output = done.stdout[-6000:] + done.stderr[-4000:]
+    if not report.exists():
+        pytest.fail(f"Krita wrote no report (exit code {done.returncode}):\n{output}")
+    data = json.loads(report.read_text())
+    data["output"] = output
+    data["seconds"] = time.monotonic() - t
+    return data
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_in_krita(krita_report, name):
+    assert "error" not in krita_report, krita_report["error"]
+    entry = krita_report["checks"].get(name)
+    assert entry is not None, f"check {name} did not run:\n{krita_report['output']}"
+    if entry["skipped"]:
+        pytest.skip(entry["skipped"])
+    assert entry["ok"], entry["detail"]
+
+
+def test_every_check_is_listed(krita_report):
+    assert list(krita_report["checks"]) == CHECKS
