@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ from .models import (
     LoadedModel,
     ModelLoadError,
     OneSlotCache,
+    check_checkpoint_file,
     hub_help,
     is_hub_access_error,
     looks_like_path,
@@ -347,28 +347,6 @@ def _checkpoint_problem(keys: list[str]) -> str | None:
     return "it has no ControlNet weights (no control hint / zero-convolution keys)"
 
 
-def _check_checkpoint_file(path: Path) -> None:
-    """Reject files that cannot be a ControlNet, cheaply (safetensors: only the header is read)."""
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys())
-        except Exception as e:  # safetensors raises its own error types for bad headers
-            raise ModelLoadError(
-                f"{path} is not a valid .safetensors file (damaged or incomplete download?): {e}"
-            ) from e
-        problem = _checkpoint_problem(keys)
-        if problem:
-            raise ModelLoadError(f"{path} cannot be used as a ControlNet: {problem}.")
-        return
-    with open(path, "rb") as f:
-        first = f.read(1)
-    if not (zipfile.is_zipfile(path) or first == b"\x80"):
-        raise ModelLoadError(f"{path} is not a valid PyTorch checkpoint (damaged or incomplete download?)")
-
-
 def _resolve_config(config: str | os.PathLike[str] | None) -> tuple[str | None, str | None]:
     if config is None:
         return None, None
@@ -401,7 +379,7 @@ def _resolve_source(ref: str | os.PathLike[str], config) -> _ControlSource:
         raise ModelLoadError(
             f"unsupported ControlNet file type '{path.suffix or '(none)'}': {path}. " + _EXPECTED
         )
-    _check_checkpoint_file(path)
+    check_checkpoint_file(path, _checkpoint_problem, "a ControlNet")
     config_ref, config_sub = _resolve_config(config)
     key = f"controlnet-file:{path}|{stat_key(path)}"
     if config_ref is not None:

@@ -193,7 +193,7 @@ def _resolve_source(ref: str | os.PathLike[str], config: str | os.PathLike[str] 
 
     if path.suffix.lower() not in MODEL_FILE_SUFFIXES:
         raise ModelLoadError(f"unsupported model file type '{path.suffix or '(none)'}': {path}. " + _EXPECTED)
-    _check_checkpoint_file(path)
+    check_checkpoint_file(path)
     config_ref = _resolve_config(config)
     identity = f"file:{path}|{stat_key(path)}"
     if config_ref is not None:
@@ -229,8 +229,10 @@ def _checkpoint_problem(keys: list[str]) -> str | None:
     return "it has no Stable Diffusion U-Net weights (no 'model.diffusion_model.*' keys)"
 
 
-def _check_checkpoint_file(path: Path) -> None:
-    """Reject files that cannot be a checkpoint, cheaply: safetensors headers are read, not weights."""
+def check_checkpoint_file(path: Path, problem_of=None, what: str = "a model") -> None:
+    """Reject files that cannot be `what`, cheaply: safetensors headers are read, not weights.
+    `problem_of(keys)` says why a set of weight names is not `what` (None: it is)."""
+    problem_of = problem_of or _checkpoint_problem
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
@@ -241,15 +243,17 @@ def _check_checkpoint_file(path: Path) -> None:
             raise ModelLoadError(
                 f"{path} is not a valid .safetensors checkpoint (damaged or incomplete download?): {e}"
             ) from e
-        problem = _checkpoint_problem(keys)
+        problem = problem_of(keys)
         if problem:
-            raise ModelLoadError(f"{path} cannot be used as a model: {problem}.")
+            raise ModelLoadError(f"{path} cannot be used as {what}: {problem}.")
         return
     # .ckpt: a torch.save file is a zip archive (or, for very old files, a pickle starting 0x80).
     with open(path, "rb") as f:
         first = f.read(1)
     if not (zipfile.is_zipfile(path) or first == b"\x80"):
-        raise ModelLoadError(f"{path} is not a valid .ckpt checkpoint (damaged or incomplete download?)")
+        raise ModelLoadError(
+            f"{path} is not a valid {path.suffix.lower()} checkpoint (damaged or incomplete download?)"
+        )
 
 
 def is_hub_access_error(e: BaseException) -> bool:
