@@ -22,12 +22,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _holds_other_python(folder: str) -> bool:
+    """A PATH entry with a Python installation other than the system's: a virtualenv, or a
+    pyenv/conda/python.org prefix (pyenv puts its version's bin/ first on PATH when it runs us)."""
+    path = Path(folder)
+    if (path.parent / "pyvenv.cfg").exists():
+        return True
+    if str(path) in ("/usr/bin", "/bin"):
+        return False
+    has_python = any((path / name).is_file() for name in ("python3", "python"))
+    return has_python and any(path.parent.glob("lib/python3*/os.py"))
+
+
 def clean_env(**extra: str) -> dict[str, str]:
-    """os.environ without the virtualenv: Krita's embedded Python (and a system Python) must not
-    find the venv's python on PATH, or it adopts the venv's prefix and loses the system PyQt."""
+    """os.environ without other Pythons: Krita's embedded Python (and a system Python) must not
+    find a venv's or pyenv's python on PATH, or it adopts that prefix and loses the system PyQt."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = os.pathsep.join(
-        p for p in env.get("PATH", "").split(os.pathsep) if p and not (Path(p).parent / "pyvenv.cfg").exists()
+        p for p in env.get("PATH", "").split(os.pathsep) if p and not _holds_other_python(p)
     )
     env.update(extra)
     return env
