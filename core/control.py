@@ -56,6 +56,7 @@ from .models import (
     is_hub_access_error,
     looks_like_path,
     quiet_loading,
+    single_file_error,
     stat_key,
 )
 
@@ -426,19 +427,14 @@ def _load(source: _ControlSource, dtype: torch.dtype):
     try:
         net = ControlNetModel.from_single_file(source.location, **common, **kwargs)
     except Exception as e:
-        if is_hub_access_error(e):
-            if source.config is not None:
-                what = f"its configuration '{source.config}' could not be fetched ({e})."
-            else:
-                what = (
-                    f"diffusers needs the configuration of its ControlNet family and could not fetch it ({e}). "
-                    "Give a config (--controlnet-config, or config=): a diffusers ControlNet folder or hub id "
-                    "of the same family, e.g. a local copy of lllyasviel/control_v11p_sd15_canny for SD 1.x."
-                )
-            raise ModelLoadError(f"could not load {source.location}: {what} {hub_help()}") from e
-        raise ModelLoadError(
-            f"{source.location} could not be loaded as a ControlNet (damaged file, or a kind of ControlNet "
-            f"this tool does not support): {e}"
+        raise single_file_error(
+            e,
+            source.location,
+            source.config,
+            loaded_as="a ControlNet (damaged file, or a kind of ControlNet this tool does not support)",
+            family="ControlNet",
+            config_hint="--controlnet-config, or config=): a diffusers ControlNet folder or hub id of the "
+            "same family, e.g. a local copy of lllyasviel/control_v11p_sd15_canny for SD 1.x.",
         ) from e
     return net, source.key
 

@@ -256,6 +256,23 @@ def check_checkpoint_file(path: Path, problem_of=None, what: str = "a model") ->
         )
 
 
+def single_file_error(
+    e: BaseException, location: str, config: str | None, *, loaded_as: str, family: str, config_hint: str
+) -> ModelLoadError:
+    """The error for a single checkpoint file diffusers could not load: a configuration it could
+    not fetch (say which one to give), or a file it could not read as `loaded_as`."""
+    if not is_hub_access_error(e):
+        return ModelLoadError(f"{location} could not be loaded as {loaded_as}: {e}")
+    if config is not None:
+        what = f"its configuration '{config}' could not be fetched ({e})."
+    else:
+        what = (
+            f"diffusers needs the configuration of its {family} family and could not fetch it ({e}). "
+            f"Give a config ({config_hint}"
+        )
+    return ModelLoadError(f"could not load {location}: {what} {hub_help()}")
+
+
 def is_hub_access_error(e: BaseException) -> bool:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
@@ -334,19 +351,14 @@ def _load(source: _Source, dtype: torch.dtype) -> tuple[StableDiffusionPipeline,
     try:
         pipe = StableDiffusionPipeline.from_single_file(source.location, **common, **kwargs)
     except Exception as e:
-        if is_hub_access_error(e):
-            if source.config is not None:
-                what = f"its configuration '{source.config}' could not be fetched ({e})."
-            else:
-                what = (
-                    f"diffusers needs the configuration of its model family and could not fetch it ({e}). "
-                    "Give a config (--model-config, or config=): a diffusers folder or hub id of the same "
-                    "family, e.g. a local copy of runwayml/stable-diffusion-v1-5 for SD 1.x files."
-                )
-            raise ModelLoadError(f"could not load {source.location}: {what} {hub_help()}") from e
-        raise ModelLoadError(
-            f"{source.location} could not be loaded as a Stable Diffusion checkpoint "
-            f"(damaged file, or a model type this tool does not support): {e}"
+        raise single_file_error(
+            e,
+            source.location,
+            source.config,
+            loaded_as="a Stable Diffusion checkpoint (damaged file, or a model type this tool does not support)",
+            family="model",
+            config_hint="--model-config, or config=): a diffusers folder or hub id of the same family, e.g. "
+            "a local copy of runwayml/stable-diffusion-v1-5 for SD 1.x files.",
         ) from e
     return pipe, source.key
 
