@@ -16,39 +16,19 @@ processor with each max-score mode) at the shapes of the model's attention layer
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from diffusers import StableDiffusionImg2ImgPipeline  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from benchmarks.bench_generate import bench_collage  # noqa: E402
+from benchmarks.bench_generate import bench_collage, interleaved, stock_img2img  # noqa: E402
 from core.attention import MaskedCrossAttention, masked_attention_hook  # noqa: E402
-from core.compositing import composite, unet_feature_sizes  # noqa: E402
+from core.compositing import unet_feature_sizes  # noqa: E402
 from core.generate import StepContext, generate  # noqa: E402
 from core.models import load_pipeline  # noqa: E402
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, after one warm-up each, with the repeats interleaved."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(repeats):
-        names = list(fns)
-        names = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
-        for name in names:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def micro(model, size: int, repeats: int = 50) -> None:
@@ -112,25 +92,13 @@ def main() -> None:
 
     model = load_pipeline(args.model)
     collage = bench_collage(args.size, args.steps, args.strength, n_layers=4)
-    stock = StableDiffusionImg2ImgPipeline(**model.pipeline.components)
-    stock.set_progress_bar_config(disable=True)
-    init = Image.fromarray(composite(collage).image)
     prompt = generate(model, collage).prompt  # the prompt as ours encodes it (layer texts appended)
+    run_stock = stock_img2img(model, collage, prompt)
     built: list[MaskedCrossAttention] = []
 
     def hook(setup):
         built.append(masked_attention_hook(setup, max_score=args.max_score))
         return built[-1]
-
-    def run_stock():
-        stock(
-            prompt,
-            image=init,
-            strength=collage.strength,
-            num_inference_steps=collage.steps,
-            guidance_scale=collage.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(0),
-        )
 
     medians = interleaved(
         {

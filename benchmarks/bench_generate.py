@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -46,16 +47,45 @@ def bench_collage(size: int, steps: int, strength: float, n_layers: int = 4, con
     )
 
 
-def timed_pair(first, second, repeats: int) -> tuple[float, float]:
-    """Median seconds of each, measured alternately so background load hits both alike."""
-    first(), second()  # warm-up
-    a, b = [], []
-    for _ in range(repeats):
-        for fn, times in ((first, a), (second, b)):
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, after one warm-up each, with the repeats interleaved
+    (and who goes first rotated) so background load hits all alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats):
+        names = list(fns)
+        names = names[r % len(names) :] + names[: r % len(names)]
+        for name in names:
             start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(a), statistics.median(b)
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def timed_pair(first, second, repeats: int) -> tuple[float, float]:
+    """Median seconds of each of two functions, measured alternately."""
+    medians = interleaved({"first": first, "second": second}, repeats)
+    return medians["first"], medians["second"]
+
+
+def stock_img2img(model, collage: Collage, prompt: str) -> Callable[[], object]:
+    """Stock diffusers img2img on the same components, start image, strength, steps and guidance."""
+    stock = StableDiffusionImg2ImgPipeline(**model.pipeline.components)
+    stock.set_progress_bar_config(disable=True)
+    init = Image.fromarray(composite(collage).image)
+
+    def run():
+        return stock(
+            prompt,
+            image=init,
+            strength=collage.strength,
+            num_inference_steps=collage.steps,
+            guidance_scale=collage.guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(0),
+        )
+
+    return run
 
 
 def main() -> None:
@@ -69,20 +99,8 @@ def main() -> None:
 
     model = load_pipeline(args.model)
     collage = bench_collage(args.size, args.steps, args.strength)
-    stock = StableDiffusionImg2ImgPipeline(**model.pipeline.components)
-    stock.set_progress_bar_config(disable=True)
-    init = Image.fromarray(composite(collage).image)
     prompt = generate(model, collage).prompt  # the prompt as ours encodes it
-
-    def run_stock():
-        stock(
-            prompt,
-            image=init,
-            strength=collage.strength,
-            num_inference_steps=collage.steps,
-            guidance_scale=collage.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(0),
-        )
+    run_stock = stock_img2img(model, collage, prompt)
 
     ours, theirs = timed_pair(lambda: generate(model, collage), run_stock, args.repeats)
     print(f"model {args.model} on {model.device}, {args.size}², {args.steps} steps, strength {args.strength}")
