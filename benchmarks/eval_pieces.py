@@ -9,7 +9,8 @@ the piece that targets it switched on:
   attention bias know the layout); a layer counts as placed when its colour covers at least 30 %
   of its mask and at least half of that colour's pixels in the image lie inside the mask.
 * appearance (textual inversion, §2): each collage has one striped/dotted object whose text and
-  prompt do not name the pattern; mean |generated - layer| (0..255) inside the object.
+  prompt do not name the pattern; mean |generated - layer| (0..255) inside the object, and the
+  Wasserstein-1 distance of the colour distributions there (blind to the stripes' phase).
 * structure (ControlNet, §3): share of the layers' Canny edges found again (±1 px) in the
   result. No ControlNet is trained for the demo model, so the "with" row is n/a.
 * harmonization (per-layer strength, §4): each object comes as a cut-out with a patch of a
@@ -47,6 +48,7 @@ from training.data import (
 )
 
 SIZE = 64
+CAPTION_TEMPLATES = ("a {}", "a {} on white", "a {} on grass", "a {} in the sky")
 HELD_OUT_SEED = 987654321  # training uses its own seed (20240521); these collages are never seen
 
 
@@ -161,6 +163,20 @@ def inside_distance(image: np.ndarray, layer_rgb: np.ndarray, mask: np.ndarray) 
     return float(diff[m].mean())
 
 
+def colour_w1(image: np.ndarray, layer_rgb: np.ndarray, mask: np.ndarray) -> float:
+    """Wasserstein-1 distance of the colour distributions inside the object (per channel, 0..255).
+
+    Unlike the pixel distance it does not care where the stripes are, only whether the object
+    has them (a plain red circle and a red-and-white striped one differ; two stripe phases do not).
+    """
+    m = cv2.erode((mask > 0.99).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    if not m.any():
+        m = mask > 0.5
+    a = np.sort(image[m].astype(np.float32), axis=0)
+    b = np.sort(layer_rgb[m].astype(np.float32), axis=0)
+    return float(np.abs(a - b).mean())
+
+
 def edge_recall(image: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> float:
     """Share of the reference's edges inside the mask found again in the image (±1 px)."""
     ref = cv2.Canny(cv2.cvtColor(reference, cv2.COLOR_RGB2GRAY), 100, 200) > 0
@@ -236,9 +252,13 @@ def evaluate(model, args) -> list[tuple[str, str, str, float, float]]:
         import core.inversion as inv
 
         inv.DEFAULT_SETTINGS = inv.InversionSettings(steps=args.inversion_steps)
+        if args.caption_templates:
+            # The demo model only knows its captions' grammar ("a red circle on grass"); the
+            # default templates ("a photo of a …") are words it never saw.
+            inv.PROMPT_TEMPLATES = CAPTION_TEMPLATES
         cases = make_cases(args.n_appearance, args.seed, "appearance")
         for label, on in (("baseline SDEdit", False), ("+ inversion", True)):
-            dists, secs = [], []
+            dists, w1s, secs = [], [], []
             for case in cases:
                 t = case.textured
                 layers = [
@@ -248,8 +268,11 @@ def evaluate(model, args) -> list[tuple[str, str, str, float, float]]:
                 c = replace(case.collage, layers=layers, strength=args.strength, **common)
                 img, dt = run(model, c)
                 secs.append(dt)
-                dists.append(inside_distance(img, case.collage.layers[t].image[..., :3], case.visible[t]))
-            rows.append(("appearance dist. ↓", label, f"{np.mean(dists):.1f}", np.mean(dists), np.mean(secs)))
+                layer_rgb = case.collage.layers[t].image[..., :3]
+                dists.append(inside_distance(img, layer_rgb, case.visible[t]))
+                w1s.append(colour_w1(img, layer_rgb, case.visible[t]))
+            value = f"{np.mean(dists):.1f} / {np.mean(w1s):.1f}"
+            rows.append(("appearance pixel / colour W1 ↓", label, value, np.mean(dists), np.mean(secs)))
 
     # §4 harmonization: seams of cut-outs; uniform strength vs per-layer strength.
     cases = make_cases(args.n, args.seed, "seams")
@@ -297,22 +320,44 @@ def _composite(case: Case) -> np.ndarray:
     return composite(case.collage).image
 
 
+def _is_demo_file(path: str) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return (f.metadata() or {}).get("format") == "collage-diffusion-demo"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="demo", help="model reference (default: the demo model)")
+    p.add_argument(
+        "--model",
+        default="demo",
+        help="model reference (default: the demo model), or a file written by training/export.py",
+    )
     p.add_argument("--n", type=int, default=20, help="held-out collages per measure")
     p.add_argument("--n-appearance", type=int, default=10, help="collages for the inversion rows")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--strength", type=float, default=0.7, help="SDEdit strength of the fidelity rows")
-    p.add_argument("--inversion-steps", type=int, default=200, help="0 skips the inversion rows")
+    p.add_argument("--inversion-steps", type=int, default=400, help="0 skips the inversion rows")
+    p.add_argument(
+        "--default-templates",
+        dest="caption_templates",
+        action="store_false",
+        help="train inversions with core.inversion's own prompts, not the demo captions' grammar",
+    )
     p.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     # Inversions go to a throw-away cache: every run measures training, not a cache hit.
     os.environ.setdefault("COLLAGE_CACHE", tempfile.mkdtemp(prefix="eval-pieces-"))
-    model = load_pipeline(args.model, device="cpu", dtype="float32")
+    ref = args.model
+    if ref.endswith(".safetensors") and _is_demo_file(ref):  # a file from training/export.py
+        from training.export import unpack
+
+        ref = str(unpack(ref, tempfile.mkdtemp(prefix="eval-model-")))
+    model = load_pipeline(ref, device="cpu", dtype="float32")
     rows = evaluate(model, args)
     print(f"model: {args.model}   held-out collages: {args.n} (appearance: {args.n_appearance})")
     print(f"{'measure':34} {'setting':38} {'value':>20} {'s/image':>8}")
