@@ -56,6 +56,7 @@ class Sample:
     objects: list[ObjectSpec]  # bottom to top
     masks: np.ndarray  # (n_objects, H, W) float32: each object's *visible* coverage
     background: str
+    layers: list[np.ndarray]  # each object alone as drawn: RGBA uint8 (H, W, 4), bottom to top
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
@@ -147,9 +148,10 @@ def render_object(spec: ObjectSpec, width: int, height: int) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def caption_for(objects: list[ObjectSpec], background: str) -> str:
-    """ "a red circle and a blue striped star on grass" (objects in the order given)."""
-    parts = [("an " if o.text[0] in "aeiou" else "a ") + o.text for o in objects]
+def caption_for(objects: list[ObjectSpec] | list[str], background: str) -> str:
+    """ "a red circle and a blue striped star on grass" (objects, or their words, in the order given)."""
+    texts = [o if isinstance(o, str) else o.text for o in objects]
+    parts = [("an " if t[0] in "aeiou" else "a ") + t for t in texts]
     body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"{body} {BACKGROUND_WORDS[background]}"
 
@@ -182,18 +184,19 @@ def make_sample(seed: int, index: int, width: int = 64, height: int = 64) -> Sam
     for _ in range(n):
         objects.append(random_object(rng, width, height, exclude={(o.shape, o.colour) for o in objects}))
     canvas = background_rgb(background, rng, width, height)
-    alphas = []
+    alphas, layers = [], []
     for obj in objects:
         alpha = shape_alpha(obj.shape, obj.cx, obj.cy, obj.size, width, height)
         rgb = texture_rgb(obj, width, height, phase=float(rng.uniform(0, 8)))
         canvas = canvas * (1 - alpha[..., None]) + rgb * alpha[..., None]
         alphas.append(alpha)
+        layers.append(np.clip(np.rint(np.concatenate([rgb, alpha[..., None] * 255.0], -1)), 0, 255))
     masks = visible_masks(np.stack(alphas))
     image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
     # Caption order is random so no word position means "bottom" or "left".
     order = rng.permutation(n)
     caption = caption_for([objects[i] for i in order], background)
-    return Sample(image, caption, objects, masks, background)
+    return Sample(image, caption, objects, masks, background, [la.astype(np.uint8) for la in layers])
 
 
 def visible_masks(alphas: np.ndarray) -> np.ndarray:

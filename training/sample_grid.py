@@ -1,6 +1,7 @@
 """Draw a grid of text-to-image samples (with their captions) from a trained demo model.
 
-    python -m training.sample_grid --model training/runs/demo-v2/pipeline --out docs/images/demo_grid.png
+    python -m training.sample_grid --out docs/images/demo_grid.png          # the shipped demo model
+    python -m training.sample_grid --model training/runs/demo-v3/pipeline --out /tmp/grid.png
 
 Captions are held-out samples of `training.data` (a seed the training never used); the grid shows,
 per caption, the training-style reference image and two generated seeds.
@@ -21,16 +22,9 @@ from training.data import make_sample
 HELD_OUT_SEED = 424242
 
 
-def vae_roundtrip(pipe, images: np.ndarray) -> np.ndarray:
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():
-        y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
-    return ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default="training/runs/demo-v2/pipeline")
+    p.add_argument("--model", default="demo", help="the shipped demo model, or a trained pipeline folder")
     p.add_argument("--out", default="docs/images/demo_grid.png")
     p.add_argument("--n", type=int, default=12)
     p.add_argument("--steps", type=int, default=25)

@@ -50,6 +50,9 @@ from core.demo_model import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, build_clip_tokeniz
 from training.data import make_images
 
 TEXT_HIDDEN = 32  # as the random demo model (tests check 32)
+EOS_ID = 49407
+# Word-piece ids for --insert-p: the long tail of the CLIP vocabulary, far from every caption word.
+UNKNOWN_WORD_IDS = (20000, 49000)
 
 
 def build_vae() -> AutoencoderKL:
@@ -132,6 +135,68 @@ def build_scheduler() -> DDIMScheduler:
     )
 
 
+def insert_unknown_words(tok: torch.Tensor, rng: np.random.Generator, p: float) -> None:
+    """Insert one random vocabulary token (a word the captions never use, so its embedding row is
+    untrained) at a random place in a share ``p`` of the captions, in place.
+
+    Textual inversion puts a new token next to a layer's words; a text encoder that never saw an
+    unknown word may let it change the neighbouring words' meaning (a colour, a shape). Seeing
+    random unknown words in training teaches it to read the caption around them unchanged."""
+    for row in np.flatnonzero(rng.random(len(tok)) < p):
+        eos = int((tok[row] == EOS_ID).nonzero()[0])
+        if eos >= CLIP_MAX_LENGTH - 1:
+            continue
+        at = int(rng.integers(1, eos + 1))
+        word = int(rng.integers(UNKNOWN_WORD_IDS[0], UNKNOWN_WORD_IDS[1]))
+        tok[row, at + 1 :] = tok[row, at:-1].clone()
+        tok[row, at] = word
+
+
+def optimise(opt, loss: torch.Tensor, params: list, lr: float, ema_pairs: list, ema_decay: float) -> None:
+    """One optimiser step at learning rate `lr` (gradients clipped to norm 1), then the EMA copies
+    (`ema_pairs`: (ema parameter, parameter)) move towards the new weights."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    with torch.no_grad():
+        for pe, p in ema_pairs:
+            pe.lerp_(p, 1 - ema_decay)
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    """torch.save through a temporary file: a crash mid-write never leaves a broken checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(checkpoint, tmp)
+    tmp.replace(path)
+
+
+class LossLog:
+    """A training stage's smoothed loss (EMA of the batch losses), logged every 50 steps into the
+    run's log and `losses`, and a checkpoint (`save`) every `ckpt_minutes`."""
+
+    def __init__(self, run: Path, name: str, losses: list, ckpt_minutes: float, save) -> None:
+        self.run, self.name, self.losses, self.save = run, name, losses, save
+        self.every = ckpt_minutes * 60
+        self.running: float | None = None
+        self.last_save = time.monotonic()
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        self.running = loss if self.running is None else 0.98 * self.running + 0.02 * loss
+        if step % 50 == 0:
+            self.losses.append((step, self.running))
+            log(self.run, f"{self.name} step {step} loss {loss:.4f} avg {self.running:.4f} lr {lr:.2e}")
+        if time.monotonic() - self.last_save > self.every:
+            self.save()
+            self.last_save = time.monotonic()
+
+    def done(self, steps: int) -> None:
+        log(self.run, f"{self.name} done after {steps} steps (avg loss {self.running})")
+        self.save()
+
+
 def log(run: Path, msg: str) -> None:
     line = f"{time.strftime('%H:%M:%S')} {msg}"
     print(line, flush=True)
@@ -170,22 +235,11 @@ class Trainer:
 
     # --- checkpoints ---
     def _save(self) -> None:
-        tmp = self.ckpt.with_suffix(".tmp")
-        torch.save(
-            {
-                "state": self.state,
-                "vae": self.vae.state_dict(),
-                "unet": self.unet.state_dict(),
-                "text": self.text.state_dict(),
-                "ema_unet": self.ema_unet.state_dict(),
-                "ema_text": self.ema_text.state_dict(),
-                "vae_opt": self.vae_opt.state_dict(),
-                "opt": self.opt.state_dict(),
-                **self.extra,
-            },
-            tmp,
+        parts = ("vae", "unet", "text", "ema_unet", "ema_text", "vae_opt", "opt")
+        save_checkpoint(
+            self.ckpt,
+            {"state": self.state, **{k: getattr(self, k).state_dict() for k in parts}, **self.extra},
         )
-        tmp.replace(self.ckpt)
 
     def _load(self) -> None:
         ck = torch.load(self.ckpt, map_location="cpu", weights_only=False)
@@ -300,14 +354,13 @@ class Trainer:
         ).input_ids[0]
         noise_sched = DDPMScheduler.from_config(build_scheduler().config)
         deadline = time.monotonic() + a.unet_minutes * 60
-        last_ckpt = time.monotonic()
+        losses = LossLog(self.run, "unet", self.state["losses"], a.ckpt_minutes, self._save)
         self.unet.train()
         self.text.train()
         params = list(self.unet.parameters()) + list(self.text.parameters())
         ema_pairs = list(zip(self.ema_unet.parameters(), self.unet.parameters(), strict=True)) + list(
             zip(self.ema_text.parameters(), self.text.parameters(), strict=True)
         )
-        running = None
         while self.state["unet_step"] < a.unet_steps and time.monotonic() < deadline:
             step = self.state["unet_step"]
             rng = np.random.default_rng([a.seed, 2, step])
@@ -317,6 +370,8 @@ class Trainer:
             if rng.random() < 0.5:  # horizontal flip: captions name no left/right
                 z = z.flip(-1)
             tok = ids[idx].clone()
+            if a.insert_p > 0:
+                insert_unknown_words(tok, rng, a.insert_p)
             drop = torch.from_numpy(rng.random(a.batch) < a.uncond_p)
             tok[drop] = empty
             noise = torch.randn(z.shape, generator=gen)
@@ -326,26 +381,10 @@ class Trainer:
             pred = self.unet(noisy, t, encoder_hidden_states=cond).sample
             loss = F.mse_loss(pred, noise)
             lr = a.lr * min(1.0, (step + 1) / a.warmup)
-            for g in self.opt.param_groups:
-                g["lr"] = lr
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            self.opt.step()
-            decay = min(a.ema, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for pe, p in ema_pairs:
-                    pe.lerp_(p, 1 - decay)
+            optimise(self.opt, loss, params, lr, ema_pairs, min(a.ema, (1 + step) / (10 + step)))
             self.state["unet_step"] = step + 1
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            if step % 50 == 0:
-                self.state["losses"].append((step, running))
-                log(self.run, f"unet step {step} loss {loss.item():.4f} avg {running:.4f} lr {lr:.2e}")
-            if time.monotonic() - last_ckpt > a.ckpt_minutes * 60:
-                self._save()
-                last_ckpt = time.monotonic()
-        log(self.run, f"unet done after {self.state['unet_step']} steps (avg loss {running})")
-        self._save()
+            losses.step(step, loss.item(), lr)
+        losses.done(self.state["unet_step"])
 
     # --- stage 3: sharpen the decoder (the encoder, hence the latents, stay as they are) ---
     def train_decoder(self) -> None:
@@ -455,6 +494,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--uncond-p", type=float, default=0.1)
+    p.add_argument(
+        "--insert-p",
+        type=float,
+        default=0.0,
+        help="share of captions that get one random unknown word inserted (robustness to inversion tokens)",
+    )
     return p.parse_args(argv)
 
 
