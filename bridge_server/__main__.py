@@ -52,7 +52,10 @@ def parser() -> argparse.ArgumentParser:
         default="ediffi",
         help="g(sigma) of masked attention",
     )
-    p.add_argument("--controlnet", help="a Canny ControlNet for the model: hub id, folder or file")
+    p.add_argument(
+        "--controlnet",
+        help="a Canny ControlNet for the model: hub id, folder or file (the demo model brings its own)",
+    )
     p.add_argument("--controlnet-config", help="for a single-file ControlNet: its config folder or hub id")
     p.add_argument("--max-layers", type=int, default=limits.max_layers)
     p.add_argument("--max-pixels", type=int, default=limits.max_canvas_pixels, help="canvas width × height")

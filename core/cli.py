@@ -49,7 +49,10 @@ def _parser() -> argparse.ArgumentParser:
         default="ediffi",
         help="g(sigma) of masked attention",
     )
-    pieces.add_argument("--controlnet", help="a Canny ControlNet for the model: hub id, folder or file")
+    pieces.add_argument(
+        "--controlnet",
+        help="a Canny ControlNet for the model: hub id, folder or file (the demo model brings its own)",
+    )
     pieces.add_argument(
         "--controlnet-config", help="for a single-file ControlNet: its config folder or hub id"
     )
@@ -137,6 +140,7 @@ def _generate(args) -> int:
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     bar = tqdm(total=collage.steps, unit="step", desc="sampling")
+    shown = ["sampling"]  # the phase the bar counts now
 
     def on_progress(p) -> None:
         if p.phase == "sampling":
@@ -146,9 +150,11 @@ def _generate(args) -> int:
             description = p.phase
         else:
             return
-        bar.total, bar.n = p.total, p.step
-        bar.set_description(description)
-        bar.refresh()
+        if description != shown[0] or p.total != bar.total or p.step < bar.n:
+            bar.reset(total=p.total)  # a new phase: count from 0 (update() keeps tqdm's rate limit)
+            bar.set_description(description, refresh=False)
+            shown[0] = description
+        bar.update(p.step - bar.n)
 
     try:
         result = generate(model, collage, variants=args.variants, progress=on_progress, hooks=hooks)

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from .compositing import CompositeResult, area_resize, composite, place_layer
+from .demo_model import DEMO_MODEL_ID, DEMO_VERSION, ensure_demo_controlnet
 from .models import (
     DTYPE_KWARG,
     LoadedModel,
@@ -213,7 +214,8 @@ def weight_map(flat: CompositeResult) -> np.ndarray:
 
 CONTROLNET_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
 _EXPECTED = (
-    "Expected a Hugging Face hub id such as 'lllyasviel/control_v11p_sd15_canny', a diffusers "
+    "Expected 'demo' (the demo model's own), a Hugging Face hub id such as "
+    "'lllyasviel/control_v11p_sd15_canny', a diffusers "
     "ControlNet folder (with config.json), or a ControlNet checkpoint file "
     f"({', '.join(CONTROLNET_FILE_SUFFIXES)})."
 )
@@ -368,6 +370,12 @@ def _resolve_source(ref: str | os.PathLike[str], config) -> _ControlSource:
     ref = str(ref).strip()
     if not ref:
         raise ModelLoadError("no ControlNet given. " + _EXPECTED)
+    if ref == DEMO_MODEL_ID:  # the demo model's own edge ControlNet, shipped with it
+        try:
+            folder = ensure_demo_controlnet()
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"the demo ControlNet is not available: {e}") from e
+        return _ControlSource("folder", str(folder), f"demo-controlnet:{DEMO_VERSION}")
     if not looks_like_path(ref):
         return _ControlSource("hub", ref, f"hub:{ref}")
     path = Path(ref).expanduser().resolve()
@@ -461,7 +469,8 @@ def load_controlnet(
 ) -> LoadedControlNet:
     """Load (or reuse) a ControlNet for `model`, on the model's device and dtype.
 
-    `ref` is a hub id ("lllyasviel/control_v11p_sd15_canny"), a diffusers ControlNet folder (with
+    `ref` is "demo" (the demo model's edge ControlNet, shipped with the project), a hub id
+    ("lllyasviel/control_v11p_sd15_canny"), a diffusers ControlNet folder (with
     config.json, or a pipeline folder with a controlnet/ subfolder), or a single checkpoint file.
     For a single file, `config` (a ControlNet folder or hub id of the same family) supplies the
     configuration; without it diffusers fetches the SD 1.5 Canny ControlNet's. Raises

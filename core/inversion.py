@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .demo_model import DEMO_VERSION
 from .paths import cache_dir
 
 if TYPE_CHECKING:  # generate.py imports this module: import it lazily at run time
@@ -73,6 +74,11 @@ PROMPT_TEMPLATES = (
     "a photo of the large {}",
     "a photo of a nice {}",
 )
+#: Models that know another grammar: the demo model was trained only on captions like "a red
+#: circle on grass" and reads "a photo of ..." as words it never saw (docs/demo_model.md).
+MODEL_PROMPT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    DEMO_VERSION: ("a {}", "a {} on white", "a {} on grass", "a {} in the sky"),
+}
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,15 @@ class InversionSettings:
 
 #: What `appearance_tokens` uses when it is given no settings (tests may monkeypatch this).
 DEFAULT_SETTINGS = InversionSettings()
+#: Changes to those defaults for models they do not suit, by model identity. The demo model's
+#: learning rate was chosen on its own collages (docs/demo_model.md): its 32-wide token
+#: embeddings are trained from scratch, and 2e-3 moved them too little in 400 steps.
+MODEL_SETTINGS: dict[str, dict] = {DEMO_VERSION: {"learning_rate": 3e-2}}
+
+
+def default_settings(model) -> InversionSettings:
+    """The settings used for `model` when none are given."""
+    return dataclasses.replace(DEFAULT_SETTINGS, **MODEL_SETTINGS.get(model.identity, {}))
 
 
 @dataclass
@@ -520,8 +535,9 @@ def _train_steps(
     n_train = noise_scheduler.config.num_train_timesteps
     tokenizer, text_encoder, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
     phrase = f"{token} {' '.join(text.split())}"
+    templates = MODEL_PROMPT_TEMPLATES.get(model.identity, PROMPT_TEMPLATES)
     template_ids = tokenizer(
-        [t.format(phrase) for t in PROMPT_TEMPLATES],
+        [t.format(phrase) for t in templates],
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
@@ -545,7 +561,7 @@ def _train_steps(
             latents = pipe.vae.encode(pixels).latent_dist.mode() * scaling
         noise = torch.randn(latents.shape, generator=gen).to(device=device, dtype=dtype)
         timesteps = torch.randint(0, n_train, (settings.batch_size,), generator=gen).to(device)
-        which = torch.randint(0, len(PROMPT_TEMPLATES), (settings.batch_size,), generator=gen)
+        which = torch.randint(0, len(templates), (settings.batch_size,), generator=gen)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         if prediction == "v_prediction":
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -591,7 +607,7 @@ def train_embedding(
 ) -> InversionResult:
     """Learn one embedding for an RGBA layer image and its text (no cache); the shared model is
     left exactly as it was. For tests, benchmarks and tools; `appearance_tokens` is the normal way."""
-    settings = settings or DEFAULT_SETTINGS
+    settings = settings or default_settings(model)
     settings.check()
     pipe = model.pipeline
     key = cache_key(model.identity, image, text, settings, resolved_resolution(pipe, settings))
@@ -627,7 +643,7 @@ def appearance_tokens(
     if not any(layer.appearance for layer in layers):
         yield [None] * len(layers)
         return
-    settings = settings or DEFAULT_SETTINGS
+    settings = settings or default_settings(model)
     settings.check()
     cache = cache if cache is not None else InversionCache()
     report = report or (lambda p: None)

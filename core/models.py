@@ -314,7 +314,10 @@ def _load(source: _Source, dtype: torch.dtype) -> tuple[StableDiffusionPipeline,
     quiet_loading()
     common = {DTYPE_KWARG: dtype, **_SD_KWARGS}
     if source.kind == "demo":
-        folder = ensure_demo_model()
+        try:
+            folder = ensure_demo_model()
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"the demo model is not available: {e}") from e
         pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **common)
         return pipe, DEMO_VERSION
 

@@ -2,7 +2,8 @@
 
 Masked attention (§1) runs for every layer with an `attention_weight` > 0; appearance tokens (§2)
 for every layer with `appearance` on (inside `generate`); per-layer strength (§4) always;
-ControlNet (§3) when a ControlNet was configured and a layer has a `control_weight` > 0.
+ControlNet (§3) when a ControlNet was configured (the demo model brings its own) and a layer has a
+`control_weight` > 0.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from functools import partial
 from .attention import masked_attention_hook
 from .collage import Collage
 from .control import CannyDetector, controlnet_hook, load_controlnet, missing_controlnet_warning
+from .demo_model import DEMO_MODEL_ID, DEMO_VERSION
 from .models import ModelLoadError
 
 
@@ -49,9 +51,12 @@ def build_hooks(
         )
     ]
     controlnet = None
-    if options.controlnet:
+    ref = options.controlnet
+    if not ref and getattr(model, "identity", None) == DEMO_VERSION and missing_controlnet_warning(collage):
+        ref = DEMO_MODEL_ID  # the demo model comes with its own edge ControlNet
+    if ref:
         try:
-            controlnet = load_controlnet(options.controlnet, model=model, config=options.controlnet_config)
+            controlnet = load_controlnet(ref, model=model, config=options.controlnet_config)
         except ModelLoadError as error:
             if controlnet_errors == "raise":
                 raise
@@ -66,6 +71,6 @@ def build_hooks(
                 detector=CannyDetector(options.canny_low, options.canny_high),
             )
         )
-    elif not options.controlnet and (warning := missing_controlnet_warning(collage)):
+    elif not ref and (warning := missing_controlnet_warning(collage)):
         warnings.append(warning)
     return hooks, warnings

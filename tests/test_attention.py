@@ -246,9 +246,9 @@ def test_sd2_shaped_unet_odd_latent_size():
 def test_bias_moves_layer_attention_into_its_mask(demo_pipeline):
     """The mechanism: each layer's tokens attend inside the layer's mask far more with the bias.
 
-    The demo model's random weights give small scores (the per-head max of a layer's tokens is
-    about 0.7 after scaling), so the bias w * g * max is small at weight 1 (the share goes from about
-    0.14 to 0.22); the layers here use weight 8 to show the effect clearly.
+    Without the bias, nothing but chance puts a layer's words where its mask is (each mask is
+    ~14 % of the image); the layers use weight 8 to show the effect clearly on a 6-step run
+    (benchmarks/eval_pieces.py measures weights 1 and 2 on generated objects).
     """
     without, with_bias = Builder(record_only=True), Builder(record=True)
     plain = generate(demo_pipeline, collage(weight=8.0), hooks=[without])
@@ -262,7 +262,7 @@ def test_bias_moves_layer_attention_into_its_mask(demo_pipeline):
         f"\nshare of layer-token attention inside the layer's mask: without bias {share_without}, with {share_with}"
     )
     mean_without, mean_with = float(share_without.mean()), float(share_with.mean())
-    assert mean_without < 0.2  # about the masks' area (~14% each)
+    assert mean_without < 0.3  # near the masks' area: the prompt alone does not say where
     assert mean_with >= 2.5 * mean_without and mean_with >= mean_without + 0.25
     assert (share_with > share_without + 0.2).all()  # for each layer
     # Recording without a bias goes through the masked processor yet changes nothing.

@@ -344,6 +344,20 @@ def test_load_from_folder_and_single_file_and_reuse(model, tmp_path):
         unload_controlnet()
 
 
+def test_the_demo_models_own_controlnet(model):
+    from core.demo_model import DEMO_VERSION, demo_controlnet_dir
+
+    try:
+        loaded = load_controlnet("demo", model=model)
+        assert load_controlnet("demo", model=model) is loaded  # cached
+        assert loaded.identity == f"demo-controlnet:{DEMO_VERSION}"
+        assert (demo_controlnet_dir() / "config.json").is_file()  # unpacked once into the cache
+        # Trained: the zero convolutions are no longer zero.
+        assert float(loaded.controlnet.controlnet_mid_block.weight.abs().max()) > 0
+    finally:
+        unload_controlnet()
+
+
 def test_load_errors_are_clear(model, tmp_path):
     with pytest.raises(ModelLoadError, match="not found"):
         load_controlnet(tmp_path / "missing-controlnet", model=model)

@@ -85,6 +85,27 @@ def test_incomplete_demo_folder_is_rebuilt(tmp_path):
     assert (folder / "model_index.json").is_file()
 
 
+def test_demo_controlnet_unpacked_once_beside_the_model(tmp_path):
+    from core.demo_model import demo_controlnet_dir, ensure_demo_controlnet
+
+    folder = ensure_demo_controlnet(tmp_path)
+    assert folder == demo_controlnet_dir(tmp_path) and (folder / "config.json").is_file()
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    assert ensure_demo_controlnet(tmp_path) == folder
+    assert (folder / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_missing_or_foreign_demo_weights_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="restore the file"):
+        build_demo_pipeline(tmp_path / "demo-v2.safetensors")
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(1)}, str(foreign))
+    with pytest.raises(ValueError, match="not a demo model weights file"):
+        build_demo_pipeline(foreign)
+
+
 def test_demo_weights_are_deterministic_and_leave_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)

@@ -1,5 +1,6 @@
 """Choosing the pieces (core/options.py) and the CLI's ControlNet options, on the demo model."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,18 @@ def controlled_collage():
     return collage
 
 
-def test_default_pieces_are_masked_attention_only(demo_pipeline):
+def test_demo_model_brings_its_own_controlnet(demo_pipeline):
     hooks, warnings = build_hooks(demo_pipeline, controlled_collage(), EngineOptions())
+    assert len(hooks) == 2 and warnings == []  # masked attention + the demo's edge ControlNet
+    plain = controlled_collage()
+    plain.layers[1].control_weight = 0.0
+    hooks, warnings = build_hooks(demo_pipeline, plain, EngineOptions())
+    assert len(hooks) == 1 and warnings == []  # no layer asks: masked attention only
+
+
+def test_other_models_without_controlnet_warn(demo_pipeline):
+    other = replace(demo_pipeline, identity="folder:/my/model")
+    hooks, warnings = build_hooks(other, controlled_collage(), EngineOptions())
     assert len(hooks) == 1
     assert any("control" in w.lower() for w in warnings)  # a layer asks for ControlNet, none is loaded
 
