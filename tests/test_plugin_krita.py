@@ -39,6 +39,7 @@ CHECKS = [
     "background_layer_becomes_the_background",
     "reading_never_changes_the_document",
     "settings_survive_save_and_reopen",
+    "ora_settings_come_with_the_file",
     "generate_writes_new_layers",
     "regenerate_changes_only_that_layer",
     "regenerate_after_reopen_uses_the_result_layer",

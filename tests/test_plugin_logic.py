@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -154,6 +155,33 @@ def test_settings_read_leniently():
         1.0,
     )
     assert isinstance(layer.control_weight, float)
+
+
+def test_settings_from_an_ora_files_collage_json(tmp_path):
+    data = {
+        "version": 1,
+        "prompt": "a red heart on grass",
+        "steps": 25,
+        "strength": 0.85,
+        "model": "demo",  # not a dock setting: ignored
+        "layers": {"red heart": {"attention_weight": 1.5}, "star": {"strength": 0.6, "text": "a star"}},
+    }
+    s = DocumentSettings.from_file_settings(data)
+    assert (s.prompt, s.steps, s.strength) == ("a red heart on grass", 25, 0.85)
+    resolved = s.resolve([("{1}", "red heart"), ("{2}", "star"), ("{3}", "Layer 3")])
+    assert (resolved["{1}"].attention_weight, resolved["{1}"].strength) == (1.5, 0.85)  # the collage's
+    assert (resolved["{2}"].strength, resolved["{2}"].text) == (0.6, "a star")
+    assert resolved["{3}"] == LayerSettings(name="Layer 3")
+    assert DocumentSettings.from_file_settings(None) == DocumentSettings()
+
+    ora = tmp_path / "doc.ora"
+    with zipfile.ZipFile(ora, "w") as z:
+        z.writestr("collage.json", json.dumps(data))
+    assert document.file_settings(str(ora)) == data
+    assert document.file_settings(str(tmp_path / "missing.ora")) is None
+    assert document.file_settings(str(tmp_path / "doc.kra")) is None
+    (tmp_path / "broken.ora").write_bytes(b"not a zip")
+    assert document.file_settings(str(tmp_path / "broken.ora")) is None
 
 
 def test_resolve_by_uid_then_unambiguous_name():

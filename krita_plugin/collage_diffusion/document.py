@@ -306,12 +306,31 @@ def active_layer_uid(doc) -> str | None:
 
 
 def load_settings(doc):
-    """The document's `settings.DocumentSettings` (defaults when it has none)."""
+    """The document's `settings.DocumentSettings`: its annotation; for a document that has none
+    yet, the collage settings inside its .ora file (written by `collage generate`); else defaults."""
     from .settings import ANNOTATION_TYPE, DocumentSettings
 
     if ANNOTATION_TYPE not in (doc.annotationTypes() or []):
-        return DocumentSettings()
+        return DocumentSettings.from_file_settings(file_settings(doc.fileName() or ""))
     return DocumentSettings.from_json(bytes(doc.annotation(ANNOTATION_TYPE)))
+
+
+#: The zip entry in which `core.formats` keeps collage settings in an OpenRaster file.
+ORA_SETTINGS_ENTRY = "collage.json"
+
+
+def file_settings(path: str) -> dict | None:
+    """The ``collage.json`` mapping inside an .ora file, or None (not an .ora, none, unreadable)."""
+    import json
+    import zipfile
+
+    if not path.lower().endswith(".ora"):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read(ORA_SETTINGS_ENTRY))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
 
 
 def save_settings(doc, settings) -> bool:

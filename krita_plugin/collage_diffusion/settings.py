@@ -100,6 +100,27 @@ class DocumentSettings:
                     settings.layers[uid] = LayerSettings(**_read(LayerSettings, entry))
         return settings
 
+    @classmethod
+    def from_file_settings(cls, data: object) -> DocumentSettings:
+        """Settings from a document file's own ``collage.json`` (what `collage generate` and
+        `core.formats.save_ora` write into an .ora): the collage's fields, and the per-layer
+        entries keyed by layer *name* (``name:<name>`` placeholders that `resolve` matches to
+        the layers by name). Unusable values are skipped, as everywhere here."""
+        if not isinstance(data, dict):
+            return cls()
+        settings = cls(**_read(cls, data, skip=("layers", "variants", "size_policy", "results_group")))
+        layers = data.get("layers")
+        if isinstance(layers, dict):
+            for name, entry in layers.items():
+                if isinstance(name, str) and isinstance(entry, dict):
+                    values = {"strength": settings.strength, **entry}  # null/absent: the collage's
+                    if values["strength"] is None:
+                        values["strength"] = settings.strength
+                    settings.layers[f"name:{name}"] = LayerSettings(
+                        name=name, **_read(LayerSettings, values, skip=("name",))
+                    )
+        return settings
+
     # -- layers ----------------------------------------------------------------------------------
 
     def resolve(self, nodes: list[tuple[str, str]]) -> dict[str, LayerSettings]:

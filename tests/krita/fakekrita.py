@@ -156,6 +156,9 @@ class Doc:
         self.annotations: dict[str, tuple[str, bytes]] = {}
         self.refreshes = 0
 
+    def fileName(self):  # noqa: N802
+        return ""  # a new, never saved document
+
     def width(self):
         return self._w
 

@@ -400,6 +400,32 @@ def settings_survive_save_and_reopen(report):
         doc.close()
 
 
+@check()
+def ora_settings_come_with_the_file(report):
+    """examples/shapes.ora opens ready to generate: its collage.json fills the dock's settings."""
+    from collage_diffusion import document
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "shapes.ora"
+    doc = krita().openDocument(str(path))
+    try:
+        settings = document.load_settings(doc)
+        assert_eq(settings.prompt, "a red heart, a yellow star and a purple square on grass", "prompt")
+        assert_eq((settings.seed, settings.steps, settings.strength), (1, 25, 0.8), "seed, steps, strength")
+        listed = document.list_layers(doc, settings.results_group)
+        resolved = settings.resolve([(n.uid, n.name) for n in listed])
+        by_name = {n.name: resolved[n.uid] for n in listed}
+        assert_eq(by_name["red heart"].attention_weight, 1.5, "red heart's attention weight")
+        assert_eq(
+            (by_name["yellow star"].strength, by_name["yellow star"].control_weight),
+            (0.6, 1.0),
+            "yellow star",
+        )
+        assert_eq((by_name["purple square"].strength, by_name["red heart"].strength), (0.2, 0.8), "others")
+        report["detail"] = f"{len(listed)} layers, prompt and per-layer settings from {path.name}"
+    finally:
+        doc.close()
+
+
 @check(needs_bridge=True)
 def generate_writes_new_layers(report):
     """Generate, then Variants: results are new layers in "Collage results" on top, named with

@@ -1,6 +1,6 @@
 """A screenshot of the dock in a real Krita window, on a virtual X display (Xvfb).
 
-    python tests/krita/screenshot.py [--out docs/images/dock.png] [--no-bridge]
+    python tests/krita/screenshot.py [--out docs/images/dock.png] [--no-bridge] [--document FILE.ora]
 
 Installs the plugin (install_krita.py) into a throwaway HOME, with a small helper plugin that,
 once Krita's window is up, opens the test collage (krita_suite.build_document), shows the
@@ -42,12 +42,14 @@ class Shot(Extension):
         screen = qt.QtWidgets.QApplication.primaryScreen()
         window.qwindow().setGeometry(screen.availableGeometry())  # no window manager on Xvfb
         app.setBatchmode(True)  # no import dialogs (the SVG asks for a resolution otherwise)
-        doc = krita_suite.build_document()
+        path = os.environ.get("COLLAGE_SHOT_DOCUMENT")
+        doc = app.openDocument(path) if path else krita_suite.build_document()
         app.setBatchmode(False)
         doc.setBatchmode(False)
         window.addView(doc)
-        krita_suite.set_prompt(doc, "a red sign, a cat and a ball on green grass, picture book style", steps=6,
-                               cat="a ginger cat", ball="a red ball", ground="green grass")
+        if not path:  # a document of ours brings its own settings (collage.json in the .ora)
+            krita_suite.set_prompt(doc, "a red sign, a cat and a ball on green grass, picture book style", steps=6,
+                                   cat="a ginger cat", ball="a red ball", ground="green grass")
         settings = document.load_settings(doc)
         settings.variants = 2
         document.save_settings(doc, settings)
@@ -74,6 +76,8 @@ class Shot(Extension):
             qt.spin(lambda: panel.model.busy, 5000)
             qt.spin(lambda: not panel.model.busy, 120000)
         qt.spin(lambda: False, 1500)
+        if path and app.action("zoom_to_fit") is not None:
+            app.action("zoom_to_fit").trigger()  # a small document: show it large, centred
         doc.refreshProjection()
         qt.spin(lambda: False, 1000)
 
@@ -123,6 +127,11 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=root / "docs" / "images" / "dock.png")
     p.add_argument("--no-bridge", action="store_true", help="no bridge: the dock shows 'cannot reach'")
     p.add_argument("--size", default="1600x1300")
+    p.add_argument(
+        "--document",
+        type=Path,
+        help="open this document instead of building the test collage (an .ora of ours brings its settings)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the throwaway HOME (printed)")
     args = p.parse_args()
     for tool in ("krita", "Xvfb"):
@@ -206,6 +215,7 @@ def main() -> int:
             "QT_QPA_PLATFORM": "xcb",
             "COLLAGE_SHOT_OUT": str(shot),
             "COLLAGE_SHOT_BRIDGE": bridge_url,
+            **({"COLLAGE_SHOT_DOCUMENT": str(args.document.resolve())} if args.document else {}),
             "PYTHONPATH": os.pathsep.join([str(root / "tests" / "krita")]),
         }
         klog = open(tmp / "krita.log", "w")  # noqa: SIM115
