@@ -3,7 +3,7 @@
 
     python3 install.py            set up (or update) the environment in .venv and install the
                                   Krita plugin (--dev links it instead of copying; --no-krita skips it)
-    python3 install.py --demo     the same, then generate an image from examples/bento on the demo model
+    python3 install.py --demo     the same, then generate an image from examples/shapes.ora on the demo model
     python3 install.py --test     set up with the test tools (and, on Debian/Ubuntu as root, Krita
                                   itself for the in-Krita tests), then run the linter and the tests
     python3 install.py --uninstall  remove the plugin from Krita (the environment stays)
@@ -138,7 +138,9 @@ def main() -> int:
         help="which PyTorch build to install (auto: CUDA with an NVIDIA GPU, MPS on macOS, else CPU)",
     )
     action = parser.add_mutually_exclusive_group()
-    action.add_argument("--demo", action="store_true", help="then generate examples/bento on the demo model")
+    action.add_argument(
+        "--demo", action="store_true", help="then generate examples/shapes.ora on the demo model"
+    )
     action.add_argument("--test", action="store_true", help="then run ruff and the test suite")
     action.add_argument("--uninstall", action="store_true", help="remove the plugin from Krita")
     parser.add_argument("--dev", action="store_true", help="link the Krita plugin to this checkout")
@@ -157,8 +159,11 @@ def main() -> int:
     elif not args.no_krita:
         install_plugin(python, args.dev)
     if args.demo:
-        out = ROOT / "out" / "bento.png"
-        run([python, "-m", "core.cli", "generate", ROOT / "examples" / "bento", "-o", out, *rest], cwd=ROOT)
+        out = ROOT / "out" / "shapes.png"
+        run(
+            [python, "-m", "core.cli", "generate", ROOT / "examples" / "shapes.ora", "-o", out, *rest],
+            cwd=ROOT,
+        )
         print(f"\nDone: open {out}")
     elif args.test:
         run([python, "-m", "ruff", "check", "."], cwd=ROOT)

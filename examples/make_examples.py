@@ -1,11 +1,14 @@
-"""Draw the example collages: ``bento/`` (folder format) and ``room.ora`` (OpenRaster).
+"""Draw the example collages: ``bento/`` (folder format), ``room.ora`` and ``shapes.ora`` (OpenRaster).
 
 Deterministic (fixed seed, fixed zip dates), so re-running it rewrites identical files:
 
     python examples/make_examples.py            # into examples/
     python examples/make_examples.py OUT_DIR    # somewhere else
 
-Both are 256×256 with a few flat-coloured objects: small enough for the tiny CPU demo model.
+``bento`` and ``room`` are 256×256 with a few flat-coloured objects, for real Stable Diffusion
+models. ``shapes.ora`` is 64×64 and speaks the demo model's language (docs/demo_model.md): coloured
+shapes on grass, one layer per shape, with masked attention, ControlNet and per-layer strength in
+use (switch a layer's appearance on in the Krita dock or collage.json to try textual inversion).
 """
 
 from __future__ import annotations
@@ -175,6 +178,45 @@ ROOM_SETTINGS = {
 }
 
 
+def shapes_tree() -> list[Layer]:
+    """Shapes drawn exactly as the demo model's training data draws them, each cropped to a layer."""
+    from training.data import ObjectSpec, background_rgb, render_object
+
+    size = SHAPES_SIZE
+    grass = background_rgb("grass", np.random.default_rng(SEED), size, size)
+    layers = [
+        Layer(text="", name="Background", image=np.concatenate([grass, np.full((size, size, 1), 255.0)], -1))
+    ]
+    for fields, text, settings in SHAPES_LAYERS:
+        spec = ObjectSpec(*fields)
+        rgba = render_object(spec, size, size)
+        ys, xs = np.nonzero(rgba[..., 3])
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        crop = rgba[y0:y1, x0:x1].copy()
+        layers.append(Layer(text=text, name=text, image=crop, offset=(int(x0), int(y0)), **settings))
+    for layer in layers:
+        layer.image = np.clip(np.rint(layer.image), 0, 255).astype(np.uint8)
+    return layers
+
+
+SHAPES_SIZE = 64
+SHAPES_LAYERS = [
+    # ((shape, colour, texture, centre x, centre y, size) as the training data draws it, the
+    # layer's name = text, its Collage Diffusion settings)
+    (("heart", "red", "plain", 18.0, 24.0, 30.0), "red heart", {"attention_weight": 1.5}),
+    (("star", "yellow", "plain", 46.0, 20.0, 26.0), "yellow star", {"control_weight": 1.0, "strength": 0.6}),
+    # Kept almost as painted (low strength), while the rest is repainted around it.
+    (("square", "purple", "plain", 38.0, 46.0, 24.0), "purple square", {"strength": 0.2}),
+]
+SHAPES_SETTINGS = {
+    "prompt": "a red heart, a yellow star and a purple square on grass",
+    "seed": 1,
+    "steps": 25,
+    "guidance_scale": 4.0,
+    "strength": 0.8,
+}
+
+
 def main(out: Path) -> None:
     rng = random.Random(SEED)
     bento = out / "bento"
@@ -183,7 +225,8 @@ def main(out: Path) -> None:
         image.save(bento / name, format="PNG")
     (bento / "collage.toml").write_text(BENTO_MANIFEST, encoding="utf-8")
     save_ora(out / "room.ora", room_tree(rng), SIZE, SIZE, settings=ROOM_SETTINGS)
-    print(f"wrote {bento} and {out / 'room.ora'}")
+    save_ora(out / "shapes.ora", shapes_tree(), SHAPES_SIZE, SHAPES_SIZE, settings=SHAPES_SETTINGS)
+    print(f"wrote {bento}, {out / 'room.ora'} and {out / 'shapes.ora'}")
 
 
 if __name__ == "__main__":

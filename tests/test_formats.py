@@ -633,6 +633,18 @@ def test_room_example():
     assert c.layers[3].offset[0] + c.layers[3].width > 256  # the plant reaches past the edge
 
 
+def test_shapes_example_speaks_the_demo_models_language():
+    doc = load_collage(EXAMPLES / "shapes.ora")
+    c = doc.collage
+    c.validate()
+    assert (c.width, c.height) == (64, 64) and isinstance(c.background, np.ndarray)
+    assert texts(doc) == ["red heart", "yellow star", "purple square"]
+    # The pieces in use: attention 1.5, ControlNet edges, per-layer strengths.
+    assert [la.attention_weight for la in c.layers] == [1.5, 1.0, 1.0]
+    assert [la.control_weight for la in c.layers] == [0.0, 1.0, 0.0]
+    assert [c.layer_strength(la) for la in c.layers] == [0.8, 0.6, 0.2]
+
+
 def test_make_examples_is_deterministic(tmp_path: Path):
     sys.path.insert(0, str(EXAMPLES))
     try:
@@ -640,7 +652,7 @@ def test_make_examples_is_deterministic(tmp_path: Path):
     finally:
         sys.path.remove(str(EXAMPLES))
     make_examples.main(tmp_path)
-    for name in ("bento", "room.ora"):
+    for name in ("bento", "room.ora", "shapes.ora"):
         fresh, committed = load_collage(tmp_path / name).collage, load_collage(EXAMPLES / name).collage
         assert fresh.prompt == committed.prompt
         for a, b in zip(fresh.layers, committed.layers, strict=True):
