@@ -12,12 +12,15 @@ the piece that targets it switched on:
   prompt do not name the pattern; mean |generated - layer| (0..255) inside the object, and the
   Wasserstein-1 distance of the colour distributions there (blind to the stripes' phase).
 * structure (ControlNet, §3): share of the layers' Canny edges found again (±1 px) in the
-  result. No ControlNet is trained for the demo model, so the "with" row is n/a.
-* harmonization (per-layer strength, §4): each object comes as a cut-out with a patch of a
-  different background around it (a visible seam); seam = mean gradient magnitude on the
-  patch border, fidelity = mean |generated - layer| inside the object.
+  result, without and with the model's edge ControlNet on every layer (`training.train_controlnet`
+  trains the demo model's).
+* harmonization vs fidelity per layer (per-layer strength, §4): two objects come as cut-outs with
+  a patch of a different background around them (hard seams); the first is to be kept, the second
+  to fit in. Fidelity = mean |generated - layer| inside the first object; seam = mean gradient
+  magnitude on the second's patch border. `--measures` picks a subset of the four.
 
-    python -m benchmarks.eval_pieces --model training/runs/demo-v2/pipeline --n 20
+    python -m benchmarks.eval_pieces --n 20            # the shipped demo model
+    python -m benchmarks.eval_pieces --model FILE.safetensors   # a file from training/export.py
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -48,8 +52,10 @@ from training.data import (
 )
 
 SIZE = 64
-CAPTION_TEMPLATES = ("a {}", "a {} on white", "a {} on grass", "a {} in the sky")
 HELD_OUT_SEED = 987654321  # training uses its own seed (20240521); these collages are never seen
+
+
+Row = tuple[str, str, str, float, float]  # measure, setting, shown value, value, seconds per image
 
 
 @dataclass
@@ -59,11 +65,15 @@ class Case:
     alphas: np.ndarray  # (n, H, W) each object's own coverage (not the layer's patch)
     visible: np.ndarray  # (n, H, W) visible object coverage after occlusion
     patches: np.ndarray | None = None  # (n, H, W) bool: the layer's whole patch (harmonization)
-    textured: int | None = None  # index of the layer whose pattern no text names
+    textured: int | None = None  # index of the layer whose look (pattern or colour) no text names
 
 
-def _plain_text(o: ObjectSpec) -> ObjectSpec:
-    return replace(o, texture="plain")
+def _words(o: ObjectSpec, kind: str, first: bool) -> str:
+    """An object's words in the collage: never its pattern; for "colour" cases, the first
+    object's colour neither."""
+    if kind == "colour" and first:
+        return o.shape
+    return replace(o, texture="plain").text
 
 
 def _objects(rng, n: int, background: str, texture: bool) -> list[ObjectSpec]:
@@ -86,13 +96,14 @@ def _objects(rng, n: int, background: str, texture: bool) -> list[ObjectSpec]:
 
 
 def make_cases(n: int, seed: int, kind: str) -> list[Case]:
-    """`n` held-out collages; `kind` is "layout", "appearance" or "seams"."""
+    """`n` held-out collages; `kind` is "layout", "appearance" (the first object's pattern is
+    named nowhere), "colour" (its colour is named nowhere) or "seams"."""
     cases = []
     for k in range(n):
-        rng = np.random.default_rng([seed, {"layout": 0, "appearance": 1, "seams": 2}[kind], k])
+        rng = np.random.default_rng([seed, {"layout": 0, "appearance": 1, "seams": 2, "colour": 3}[kind], k])
         background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
         bg = np.clip(np.rint(background_rgb(background, rng, SIZE, SIZE)), 0, 255).astype(np.uint8)
-        objs = _objects(rng, 1 if kind == "seams" else 2, background, texture=kind == "appearance")
+        objs = _objects(rng, 2, background, texture=kind == "appearance")
         layers, alphas, patches = [], [], []
         for o in objs:
             rgba = render_object(o, SIZE, SIZE)
@@ -110,7 +121,7 @@ def make_cases(n: int, seed: int, kind: str) -> list[Case]:
                 rgba = np.concatenate([rgb, patch[..., None] * 255.0], -1)
                 rgba = np.clip(np.rint(rgba), 0, 255).astype(np.uint8)
                 patches.append(patch)
-            layers.append(Layer(text=_plain_text(o).text, image=rgba))
+            layers.append(Layer(text=_words(o, kind, first=not layers), image=rgba))
             alphas.append(alpha)
         alphas = np.stack(alphas)
         visible = alphas.copy()
@@ -118,7 +129,7 @@ def make_cases(n: int, seed: int, kind: str) -> list[Case]:
             for j in range(i + 1, len(objs)):
                 cover = patches[j] if patches else alphas[j]
                 visible[i] *= 1 - cover
-        prompt = caption_for([_plain_text(o) for o in objs], background)
+        prompt = caption_for([_words(o, kind, first=i == 0) for i, o in enumerate(objs)], background)
         collage = Collage(prompt=prompt, layers=layers, width=SIZE, height=SIZE, background=bg, seed=k)
         cases.append(
             Case(
@@ -127,7 +138,7 @@ def make_cases(n: int, seed: int, kind: str) -> list[Case]:
                 alphas,
                 visible,
                 np.stack(patches) if patches else None,
-                0 if kind == "appearance" else None,
+                0 if kind in ("appearance", "colour") else None,
             )
         )
     return cases
@@ -187,8 +198,9 @@ def edge_recall(image: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> f
     return float((ref & got).sum() / max(1, ref.sum()))
 
 
-def seam_energy(image: np.ndarray, patch: np.ndarray, alpha: np.ndarray) -> float:
-    """Mean gradient magnitude on the patch border, away from the object itself."""
+def seam_energy(image: np.ndarray, patch: np.ndarray, alpha: np.ndarray, elsewhere: np.ndarray) -> float:
+    """Mean gradient magnitude on the patch border, away from the object itself and from
+    `elsewhere` (other layers' patches, whose own borders are not this layer's seam)."""
     gray = image.astype(np.float32).mean(-1)
     gx = cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3)
     gy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3)
@@ -196,16 +208,61 @@ def seam_energy(image: np.ndarray, patch: np.ndarray, alpha: np.ndarray) -> floa
     p = patch.astype(np.uint8)
     ring = (cv2.dilate(p, np.ones((3, 3), np.uint8)) - cv2.erode(p, np.ones((3, 3), np.uint8))) > 0
     ring &= cv2.dilate((alpha > 0.05).astype(np.uint8), np.ones((5, 5), np.uint8)) == 0
+    ring &= cv2.dilate(elsewhere.astype(np.uint8), np.ones((5, 5), np.uint8)) == 0
     # The canvas border is not a seam.
     ring[:1], ring[-1:], ring[:, :1], ring[:, -1:] = False, False, False, False
     return float(mag[ring].mean()) if ring.any() else 0.0
 
 
+def harmonization_scores(image: np.ndarray, case: Case) -> tuple[float, float]:
+    """(seam of the second layer's patch, distance to the first layer inside its object)."""
+    seam = seam_energy(image, case.patches[1], case.alphas[1], elsewhere=case.patches[0])
+    return seam, inside_distance(image, case.collage.layers[0].image[..., :3], case.visible[0])
+
+
 # ---------------------------------------------------------------------------------------------
 
 
-def run(model, collage: Collage) -> tuple[np.ndarray, float]:
-    hooks, _ = build_hooks(model, collage, EngineOptions())
+class Gallery:
+    """The first few held-out collages of each measure, as generated under each setting."""
+
+    def __init__(self, per_section: int):
+        self.per_section = per_section
+        self.sections: dict[str, dict[str, dict[int, np.ndarray]]] = {}
+
+    def add(self, section: str, label: str, index: int, image: np.ndarray) -> None:
+        if index < self.per_section:
+            self.sections.setdefault(section, {}).setdefault(label, {})[index] = image
+
+    def save(self, path: str, scale: int = 3) -> None:
+        """One block per measure: a title line, the settings' names, then a row per collage."""
+        from PIL import Image, ImageDraw
+
+        tile, pad, line = SIZE * scale, 4, 13
+        columns = max(len(labels) for labels in self.sections.values())
+        blocks = [(name, labels, len(next(iter(labels.values())))) for name, labels in self.sections.items()]
+        height = pad + sum(2 * line + n * (tile + pad) + pad for _, _, n in blocks)
+        sheet = Image.new("RGB", (pad + columns * (tile + pad), height), "white")
+        draw = ImageDraw.Draw(sheet)
+        y = pad
+        for name, labels, n in blocks:
+            draw.text((pad, y), name, fill="black")
+            for c, label in enumerate(labels):
+                draw.text((pad + c * (tile + pad), y + line), label, fill=(70, 70, 70))
+            y += 2 * line
+            for r in range(n):
+                for c, images in enumerate(labels.values()):
+                    im = Image.fromarray(images[r]).resize((tile, tile), Image.NEAREST)
+                    sheet.paste(im, (pad + c * (tile + pad), y))
+                y += tile + pad
+            y += pad
+        sheet.save(path)
+
+
+def run(model, collage: Collage, options: EngineOptions | None = None) -> tuple[np.ndarray, float]:
+    hooks, warnings = build_hooks(model, collage, options or EngineOptions())
+    if warnings:
+        raise RuntimeError("; ".join(warnings))
     t0 = time.perf_counter()
     image = generate(model, collage, hooks=hooks).images[0].image
     return image, time.perf_counter() - t0
@@ -217,100 +274,149 @@ def configured(case: Case, **settings) -> Collage:
     return replace(case.collage, layers=layers, **fields)
 
 
-def evaluate(model, args) -> list[tuple[str, str, str, float, float]]:
-    rows = []
-    common = {"steps": args.steps, "guidance_scale": args.guidance}
-
+def eval_spatial(model, args, gallery: Gallery, common: dict) -> list[Row]:
+    """§1: spatial accuracy at strength 1, masked attention off and on."""
+    rows: list[Row] = []
     # §1 spatial accuracy: strength 1, attention off vs on.
     cases = make_cases(args.n, args.seed, "layout")
+    for k, case in enumerate(cases):
+        gallery.add("spatial (strength 1)", "collage", k, _composite(case))
     for label, weight in (
         ("baseline SDEdit", 0.0),
         ("+ masked attention", 1.0),
         ("+ masked attention w=2", 2.0),
     ):
         hits, secs = [], []
-        for case in cases:
+        for k, case in enumerate(cases):
             c = configured(case, strength=1.0, layer={"attention_weight": weight}, **common)
             img, dt = run(model, c)
             secs.append(dt)
+            gallery.add("spatial (strength 1)", label, k, img)
             hits += [placed(img, o, m) for o, m in zip(case.objects, case.visible, strict=True)]
         rows.append(("spatial acc. (s=1) ↑", label, f"{np.mean(hits):.2f}", np.mean(hits), np.mean(secs)))
+    return rows
 
-    # §3 structure: edges at the usual strength; no ControlNet exists for the demo model.
-    edges, secs = [], []
-    for case in cases:
-        c = configured(case, strength=args.strength, layer={"attention_weight": 0.0}, **common)
-        img, dt = run(model, c)
-        secs.append(dt)
-        ref = _composite(case)
-        edges += [edge_recall(img, ref, m) for m in case.visible]
-    rows.append(("edge recall ↑", "baseline SDEdit", f"{np.mean(edges):.2f}", np.mean(edges), np.mean(secs)))
-    rows.append(("edge recall ↑", "+ ControlNet", "n/a (none trained)", float("nan"), float("nan")))
 
+def eval_structure(model, args, gallery: Gallery, common: dict) -> list[Row]:
+    """§3: edge recall at the usual strength, ControlNet off and on for every layer."""
+    rows: list[Row] = []
+    # §3 structure: edges at the usual strength, ControlNet off vs on for every layer.
+    cases = make_cases(args.n, args.seed, "layout")
+    structure = f"structure (strength {args.strength:.1f})"
+    for k, case in enumerate(cases):
+        gallery.add(structure, "collage", k, _composite(case))
+    control = EngineOptions(controlnet=args.controlnet)
+    for label, weight in (("baseline SDEdit", 0.0), ("+ ControlNet", 1.0)):
+        edges, secs = [], []
+        for k, case in enumerate(cases):
+            c = configured(
+                case,
+                strength=args.strength,
+                layer={"attention_weight": 0.0, "control_weight": weight},
+                **common,
+            )
+            img, dt = run(model, c, control)
+            secs.append(dt)
+            gallery.add(structure, label, k, img)
+            ref = _composite(case)
+            edges += [edge_recall(img, ref, m) for m in case.visible]
+        rows.append(("edge recall ↑", label, f"{np.mean(edges):.2f}", np.mean(edges), np.mean(secs)))
+    return rows
+
+
+def eval_appearance(model, args, gallery: Gallery, common: dict) -> list[Row]:
+    """§2: the unnamed pattern's distance, inversion off and on."""
+    rows: list[Row] = []
     # §2 appearance: inversion off vs on for the layer whose pattern nobody names.
-    if args.inversion_steps > 0:
-        import core.inversion as inv
+    import core.inversion as inv
 
-        inv.DEFAULT_SETTINGS = inv.InversionSettings(steps=args.inversion_steps)
-        if args.caption_templates:
-            # The demo model only knows its captions' grammar ("a red circle on grass"); the
-            # default templates ("a photo of a …") are words it never saw.
-            inv.PROMPT_TEMPLATES = CAPTION_TEMPLATES
-        cases = make_cases(args.n_appearance, args.seed, "appearance")
+    chosen = {"steps": args.inversion_steps, "learning_rate": args.inversion_lr}
+    inv.DEFAULT_SETTINGS = replace(inv.DEFAULT_SETTINGS, **{k: v for k, v in chosen.items() if v is not None})
+    if not args.caption_templates:
+        # The demo model's inversions use its captions' grammar ("a red circle on grass");
+        # this measures what SD's usual "a photo of a …" prompts, words it never saw, give.
+        inv.MODEL_PROMPT_TEMPLATES = {}
+    # Two kinds of look that no text names: a pattern (which a 64x64 demo image can hardly
+    # carry) at the usual strength, and the object's colour at a high strength (where the prompt
+    # alone would pick any colour).
+    for kind, what, strength in (
+        ("appearance", "unnamed pattern", args.strength),
+        ("colour", "unnamed colour", 0.9),
+    ):
+        cases = make_cases(args.n_appearance, args.seed, kind)
+        section = f"appearance ({what}, strength {strength:.1f})"
         for label, on in (("baseline SDEdit", False), ("+ inversion", True)):
-            dists, w1s, secs = [], [], []
-            for case in cases:
+            dists, w1s, rests, secs = [], [], [], []
+            for k, case in enumerate(cases):
+                gallery.add(section, "collage", k, _composite(case))
                 t = case.textured
                 layers = [
-                    replace(layer, attention_weight=0.0, appearance=on and i == t)
+                    replace(layer, attention_weight=args.appearance_attention, appearance=on and i == t)
                     for i, layer in enumerate(case.collage.layers)
                 ]
-                c = replace(case.collage, layers=layers, strength=args.strength, **common)
-                img, dt = run(model, c)
+                img, dt = run(model, replace(case.collage, layers=layers, strength=strength, **common))
                 secs.append(dt)
+                gallery.add(section, label, k, img)
                 layer_rgb = case.collage.layers[t].image[..., :3]
                 dists.append(inside_distance(img, layer_rgb, case.visible[t]))
                 w1s.append(colour_w1(img, layer_rgb, case.visible[t]))
-            value = f"{np.mean(dists):.1f} / {np.mean(w1s):.1f}"
-            rows.append(("appearance pixel / colour W1 ↓", label, value, np.mean(dists), np.mean(secs)))
+                # Side effects: how far the rest of the image (no object there) moved.
+                rest = case.alphas.max(0) < 0.05
+                rests.append(float(np.abs(img.astype(np.float32) - _composite(case))[rest].mean()))
+            value = f"{np.mean(dists):.1f} / {np.mean(w1s):.1f} / {np.mean(rests):.1f}"
+            rows.append((f"{what}: pixel / W1 / rest ↓", label, value, np.mean(dists), np.mean(secs)))
+    return rows
 
-    # §4 harmonization: seams of cut-outs; uniform strength vs per-layer strength.
+
+def eval_harmonization(model, args, gallery: Gallery, common: dict) -> list[Row]:
+    """§4: keep one layer, blend another: one strength vs per-layer strengths."""
+    rows: list[Row] = []
+    # §4 harmonization vs fidelity, per layer: two cut-outs, each carrying a patch of another
+    # background (hard seams). The painter wants the first kept as it is and the second to fit in:
+    # fidelity = distance to the layer inside the first object, seam = the second's patch border.
+    # One strength for everything must trade one for the other; per-layer strength need not.
     cases = make_cases(args.n, args.seed, "seams")
-    seam0 = np.mean([seam_energy(_composite(c), c.patches[0], c.alphas[0]) for c in cases])
-    fid0 = np.mean(
-        [inside_distance(_composite(c), c.collage.layers[0].image[..., :3], c.visible[0]) for c in cases]
-    )
-    rows.append(
-        (
-            "seam grad. ↓ / object dist. ↓",
-            "composite (no generation)",
-            f"{seam0:.1f} / {fid0:.1f}",
-            seam0,
-            0.0,
-        )
-    )
-    for label, bg, layer in (
-        ("baseline SDEdit s=0.5", 0.5, None),
-        ("baseline SDEdit s=0.8", 0.8, None),
-        ("+ per-layer strength (0.3 / bg 0.8)", 0.8, 0.3),
-        ("+ per-layer strength (0.5 / bg 1.0)", 1.0, 0.5),
+    section, measure = "harmonization (keep the 1st, blend the 2nd)", "seam 2nd ↓ / dist. 1st ↓"
+
+    start = np.array([harmonization_scores(_composite(c), c) for c in cases]).mean(0)
+    rows.append((measure, "composite (no generation)", f"{start[0]:.1f} / {start[1]:.1f}", start[0], 0.0))
+    for label, bg, keep, blend in (
+        ("baseline SDEdit s=0.2", 0.2, None, None),
+        ("baseline SDEdit s=0.6", 0.6, None, None),
+        ("baseline SDEdit s=0.9", 0.9, None, None),
+        ("+ per-layer strength (0.2 / 0.9, bg 0.9)", 0.9, 0.2, 0.9),
+        ("+ per-layer strength (0.2 / 0.9, bg 0.6)", 0.6, 0.2, 0.9),
     ):
-        seams, fids, secs = [], [], []
-        for case in cases:
-            c = configured(case, strength=bg, layer={"attention_weight": 0.0, "strength": layer}, **common)
-            img, dt = run(model, c)
+        values, secs = [], []
+        for k, case in enumerate(cases):
+            gallery.add(section, "collage", k, _composite(case))
+            layers = [
+                replace(layer, attention_weight=0.0, strength=s)
+                for layer, s in zip(case.collage.layers, (keep, blend), strict=True)
+            ]
+            img, dt = run(model, replace(case.collage, layers=layers, strength=bg, **common))
             secs.append(dt)
-            seams.append(seam_energy(img, case.patches[0], case.alphas[0]))
-            fids.append(inside_distance(img, case.collage.layers[0].image[..., :3], case.visible[0]))
-        rows.append(
-            (
-                "seam grad. ↓ / object dist. ↓",
-                label,
-                f"{np.mean(seams):.1f} / {np.mean(fids):.1f}",
-                np.mean(seams),
-                np.mean(secs),
-            )
-        )
+            gallery.add(section, label, k, img)
+            values.append(harmonization_scores(img, case))
+        seam, dist = np.mean(values, axis=0)
+        rows.append((measure, label, f"{seam:.1f} / {dist:.1f}", seam, np.mean(secs)))
+    return rows
+
+
+MEASURES = {
+    "spatial": eval_spatial,
+    "structure": eval_structure,
+    "appearance": eval_appearance,
+    "harmonization": eval_harmonization,
+}
+
+
+def evaluate(model, args, gallery: Gallery | None = None) -> list[Row]:
+    gallery = gallery or Gallery(0)
+    common = {"steps": args.steps, "guidance_scale": args.guidance}
+    rows: list[Row] = []
+    for name in args.measures.split(","):
+        rows += MEASURES[name.strip()](model, args, gallery, common)
     return rows
 
 
@@ -334,18 +440,34 @@ def main(argv: list[str] | None = None) -> None:
         default="demo",
         help="model reference (default: the demo model), or a file written by training/export.py",
     )
+    p.add_argument(
+        "--controlnet",
+        help="edge ControlNet for the model (default: the one that comes with the demo model or file)",
+    )
     p.add_argument("--n", type=int, default=20, help="held-out collages per measure")
+    p.add_argument(
+        "--measures", default=",".join(MEASURES), help="comma-separated subset of: " + ", ".join(MEASURES)
+    )
     p.add_argument("--n-appearance", type=int, default=10, help="collages for the inversion rows")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--strength", type=float, default=0.7, help="SDEdit strength of the fidelity rows")
-    p.add_argument("--inversion-steps", type=int, default=400, help="0 skips the inversion rows")
+    p.add_argument("--inversion-steps", type=int, help="training steps of each inversion (default: core's)")
+    p.add_argument("--inversion-lr", type=float, help="learning rate of each inversion (default: core's)")
+    p.add_argument(
+        "--appearance-attention",
+        type=float,
+        default=0.0,
+        help="masked-attention weight of the layers in the appearance rows (default 0: inversion alone)",
+    )
     p.add_argument(
         "--default-templates",
         dest="caption_templates",
         action="store_false",
         help="train inversions with core.inversion's own prompts, not the demo captions' grammar",
     )
+    p.add_argument("--figure", metavar="PNG", help="also save the first collages of each measure as a figure")
+    p.add_argument("--figure-rows", type=int, default=3, help="collages per measure in the figure")
     p.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -357,8 +479,13 @@ def main(argv: list[str] | None = None) -> None:
         from training.export import unpack
 
         ref = str(unpack(ref, tempfile.mkdtemp(prefix="eval-model-")))
+        if args.controlnet is None and (Path(ref) / "controlnet").is_dir():
+            args.controlnet = str(Path(ref) / "controlnet")
     model = load_pipeline(ref, device="cpu", dtype="float32")
-    rows = evaluate(model, args)
+    gallery = Gallery(args.figure_rows if args.figure else 0)
+    rows = evaluate(model, args, gallery)
+    if args.figure:
+        gallery.save(args.figure)
     print(f"model: {args.model}   held-out collages: {args.n} (appearance: {args.n_appearance})")
     print(f"{'measure':34} {'setting':38} {'value':>20} {'s/image':>8}")
     for measure, label, text, _value, secs in rows:

@@ -133,15 +133,6 @@ class InversionSettings:
 
 #: What `appearance_tokens` uses when it is given no settings (tests may monkeypatch this).
 DEFAULT_SETTINGS = InversionSettings()
-#: Changes to those defaults for models they do not suit, by model identity. The demo model's
-#: learning rate was chosen on its own collages (docs/demo_model.md): its 32-wide token
-#: embeddings are trained from scratch, and 2e-3 moved them too little in 400 steps.
-MODEL_SETTINGS: dict[str, dict] = {DEMO_VERSION: {"learning_rate": 3e-2}}
-
-
-def default_settings(model) -> InversionSettings:
-    """The settings used for `model` when none are given."""
-    return dataclasses.replace(DEFAULT_SETTINGS, **MODEL_SETTINGS.get(model.identity, {}))
 
 
 @dataclass
@@ -607,7 +598,7 @@ def train_embedding(
 ) -> InversionResult:
     """Learn one embedding for an RGBA layer image and its text (no cache); the shared model is
     left exactly as it was. For tests, benchmarks and tools; `appearance_tokens` is the normal way."""
-    settings = settings or default_settings(model)
+    settings = settings or DEFAULT_SETTINGS
     settings.check()
     pipe = model.pipeline
     key = cache_key(model.identity, image, text, settings, resolved_resolution(pipe, settings))
@@ -643,7 +634,7 @@ def appearance_tokens(
     if not any(layer.appearance for layer in layers):
         yield [None] * len(layers)
         return
-    settings = settings or default_settings(model)
+    settings = settings or DEFAULT_SETTINGS
     settings.check()
     cache = cache if cache is not None else InversionCache()
     report = report or (lambda p: None)

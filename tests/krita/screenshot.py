@@ -47,7 +47,11 @@ class Shot(Extension):
         app.setBatchmode(False)
         doc.setBatchmode(False)
         window.addView(doc)
-        if not path:  # a document of ours brings its own settings (collage.json in the .ora)
+        if path:
+            # Large enough to see a small document; also, Krita 5.1.5 on Xvfb crashed painting a
+            # 64x64 document at the zoom it opened with.
+            window.activeView().canvas().setZoomLevel(6.0)
+        else:  # (a document of ours brings its own settings: collage.json in the .ora)
             krita_suite.set_prompt(doc, "a red sign, a cat and a ball on green grass, picture book style", steps=6,
                                    cat="a ginger cat", ball="a red ball", ground="green grass")
         settings = document.load_settings(doc)
@@ -76,8 +80,6 @@ class Shot(Extension):
             qt.spin(lambda: panel.model.busy, 5000)
             qt.spin(lambda: not panel.model.busy, 120000)
         qt.spin(lambda: False, 1500)
-        if path and app.action("zoom_to_fit") is not None:
-            app.action("zoom_to_fit").trigger()  # a small document: show it large, centred
         doc.refreshProjection()
         qt.spin(lambda: False, 1000)
 
