@@ -109,19 +109,19 @@ Comment=Takes the docs screenshot (tests/krita/screenshot.py)
 
 def main() -> int:
     import argparse
-    import json
+    import contextlib
     import os
     import shutil
     import signal
-    import socket
     import subprocess
     import sys
     import tempfile
     import time
-    import urllib.request
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
+    import harness  # beside this script
+
+    root = harness.ROOT
     sys.path.insert(0, str(root))
     import install_krita
 
@@ -140,23 +140,10 @@ def main() -> int:
         if not shutil.which(tool):
             sys.exit(f"{tool} is not installed (apt-get install krita xvfb python3-pyqt5)")
 
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
     tmp = Path(tempfile.mkdtemp(prefix="collage-shot-"))
-    home = tmp / "home"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "VIRTUAL_ENV")}
-    env["PATH"] = os.pathsep.join(
-        d for d in env.get("PATH", "").split(os.pathsep) if d and not (Path(d).parent / "pyvenv.cfg").exists()
-    )
-    for name in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
-        env.pop(name, None)
-    env.update(HOME=str(home), XDG_RUNTIME_DIR=str(tmp / "run"), PYTHONDONTWRITEBYTECODE="1")
-    (tmp / "run").mkdir(mode=0o700)
-    pykrita = install_krita.pykrita_dir("linux", {"HOME": str(home)})
-    kritarc = install_krita.kritarc_path("linux", {"HOME": str(home)})
+    env = harness.throwaway_home(tmp / "home")
+    pykrita = install_krita.pykrita_dir("linux", env)
+    kritarc = install_krita.kritarc_path("linux", env)
     install_krita.install(dev=False, bridge_python=Path(sys.executable), target=pykrita, kritarc=kritarc)
     (pykrita / "collage_screenshot").mkdir()
     (pykrita / "collage_screenshot" / "__init__.py").write_text(HELPER)
@@ -170,71 +157,44 @@ def main() -> int:
 
     processes = []
     try:
-        bridge_url = ""
-        if not args.no_bridge:
-            port = free_port()
-            bridge_env = {**os.environ, "COLLAGE_CACHE": os.environ.get("COLLAGE_CACHE", str(tmp / "cache"))}
-            log = open(tmp / "bridge.log", "w")  # noqa: SIM115
-            processes.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "bridge_server",
-                        "--port",
-                        str(port),
-                        "--data-dir",
-                        str(tmp / "bridge"),
-                        "--preload",
-                    ],
-                    cwd=root,
-                    env=bridge_env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-            bridge_url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 180
-            while True:
+        with contextlib.ExitStack() as stack:
+            bridge_url = ""
+            if not args.no_bridge:
+                os.environ.setdefault("COLLAGE_CACHE", str(tmp / "cache"))
                 try:
-                    with urllib.request.urlopen(bridge_url + "/info", timeout=2) as r:
-                        if json.loads(r.read())["model_loaded"]:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline or processes[-1].poll() is not None:
-                    sys.exit("the bridge did not start:\n" + (tmp / "bridge.log").read_text()[-2000:])
+                    bridge_url = stack.enter_context(harness.bridge(tmp / "bridge", timeout=180))
+                except RuntimeError as error:
+                    sys.exit(str(error))
+            display = f":{harness.free_port() % 400 + 100}"
+            processes.append(
+                subprocess.Popen(["Xvfb", display, "-screen", "0", f"{args.size}x24", "-nolisten", "tcp"])
+            )
+            time.sleep(1.5)
+            shot = tmp / "shot.png"
+            kenv = {
+                **env,
+                "DISPLAY": display,
+                "QT_QPA_PLATFORM": "xcb",
+                "COLLAGE_SHOT_OUT": str(shot),
+                "COLLAGE_SHOT_BRIDGE": bridge_url,
+                **({"COLLAGE_SHOT_DOCUMENT": str(args.document.resolve())} if args.document else {}),
+                "PYTHONPATH": os.pathsep.join([str(root / "tests" / "krita")]),
+            }
+            klog = open(tmp / "krita.log", "w")  # noqa: SIM115
+            krita = subprocess.Popen(["krita", "--nosplash"], env=kenv, stdout=klog, stderr=subprocess.STDOUT)
+            processes.append(krita)
+            deadline = time.monotonic() + 300
+            while not shot.exists():
+                error = Path(str(shot) + ".error")
+                if error.exists():
+                    sys.exit("the helper failed inside Krita:\n" + error.read_text())
+                if krita.poll() is not None or time.monotonic() > deadline:
+                    sys.exit("no screenshot; Krita's log:\n" + (tmp / "krita.log").read_text()[-3000:])
                 time.sleep(0.5)
-        display = f":{free_port() % 400 + 100}"
-        processes.append(
-            subprocess.Popen(["Xvfb", display, "-screen", "0", f"{args.size}x24", "-nolisten", "tcp"])
-        )
-        time.sleep(1.5)
-        shot = tmp / "shot.png"
-        kenv = {
-            **env,
-            "DISPLAY": display,
-            "QT_QPA_PLATFORM": "xcb",
-            "COLLAGE_SHOT_OUT": str(shot),
-            "COLLAGE_SHOT_BRIDGE": bridge_url,
-            **({"COLLAGE_SHOT_DOCUMENT": str(args.document.resolve())} if args.document else {}),
-            "PYTHONPATH": os.pathsep.join([str(root / "tests" / "krita")]),
-        }
-        klog = open(tmp / "krita.log", "w")  # noqa: SIM115
-        krita = subprocess.Popen(["krita", "--nosplash"], env=kenv, stdout=klog, stderr=subprocess.STDOUT)
-        processes.append(krita)
-        deadline = time.monotonic() + 300
-        while not shot.exists():
-            error = Path(str(shot) + ".error")
-            if error.exists():
-                sys.exit("the helper failed inside Krita:\n" + error.read_text())
-            if krita.poll() is not None or time.monotonic() > deadline:
-                sys.exit("no screenshot; Krita's log:\n" + (tmp / "krita.log").read_text()[-3000:])
-            time.sleep(0.5)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, args.out)
-        print(f"wrote {args.out}")
-        print(Path(str(shot) + ".txt").read_text())
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shot, args.out)
+            print(f"wrote {args.out}")
+            print(Path(str(shot) + ".txt").read_text())
     finally:
         for process in reversed(processes):
             if process.poll() is None:
