@@ -70,36 +70,32 @@ def build_vae() -> AutoencoderKL:
     )
 
 
-def build_unet(shape: str = "wide") -> UNet2DConditionModel:
-    """The U-Net. "v1": exactly the random demo model's shape (what the test suite's mechanism
-    tests count on: 6 cross-attention layers, 5 at the latent resolution and 1 at half of it);
-    "wide": wider, cross-attention in every block (7 layers), layers_per_block 1."""
-    if shape == "v1":
-        return UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            cross_attention_dim=TEXT_HIDDEN,
-            attention_head_dim=4,
-            norm_num_groups=32,
-        )
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        # Cross-attention at the latent resolution and at half of it (and in the mid block).
+#: The U-Net shapes: what differs from `UNET_COMMON`. "v1" is the shipped demo model's (the test
+#: suite's mechanism tests count on it: 6 cross-attention layers, 5 at the latent resolution and 1
+#: at half of it); "wide" is demo-v2's: wider, cross-attention in every block (7 layers).
+UNET_SHAPES: dict[str, dict] = {
+    "v1": dict(
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        attention_head_dim=4,
+    ),
+    "wide": dict(
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(64, 128),
         layers_per_block=1,
-        cross_attention_dim=TEXT_HIDDEN,
         attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    ),
+}
+UNET_COMMON = dict(
+    sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=TEXT_HIDDEN, norm_num_groups=32
+)
+
+
+def build_unet(shape: str = "wide") -> UNet2DConditionModel:
+    return UNet2DConditionModel(**UNET_COMMON, **UNET_SHAPES[shape])
 
 
 def build_text_encoder() -> CLIPTextModel:
@@ -481,7 +477,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decoder-minutes", type=float, default=6.0)
     p.add_argument("--decoder-lr", type=float, default=5e-4)
     p.add_argument("--n-images", type=int, default=20000, help="training set size for the U-Net")
-    p.add_argument("--unet-shape", choices=("wide", "v1"), default="wide")
+    p.add_argument("--unet-shape", choices=tuple(UNET_SHAPES), default="wide")
     p.add_argument(
         "--init-from",
         metavar="CHECKPOINT",
