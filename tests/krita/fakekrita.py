@@ -199,6 +199,24 @@ class Doc:
         pass
 
 
+class Host:
+    """The dock's host (`dock.CollagePanel(host)`) without Krita's window: one given document as
+    the active one, settings in memory. Works with a real Krita document too."""
+
+    def __init__(self, doc):
+        self.doc = doc
+        self.stored: dict[str, str] = {}
+
+    def active_document(self):
+        return self.doc
+
+    def read_setting(self, key, default=""):
+        return self.stored.get(key, default)
+
+    def write_setting(self, key, value):
+        self.stored[key] = value
+
+
 def sample_stack() -> Doc:
     """A 64×64 collage of every case the reader handles (see tests/test_plugin_logic.py)."""
     return Doc(

@@ -657,25 +657,13 @@ def local_bridge_starts_and_stops(report):
 def dock_panel_builds(report):
     """The dock's widget with a document: one row per listed layer, settings shown; saved as PNG
     (``dock-offscreen.png`` in the scratch folder) for a look."""
+    import fakekrita  # its Host: the dock's host without Krita's window
     from collage_diffusion import dock, document, qt
 
     doc = build_document()
-
-    class Host:
-        stored: dict = {}
-
-        def active_document(self):
-            return doc
-
-        def read_setting(self, key, default=""):
-            return self.stored.get(key, default)
-
-        def write_setting(self, key, value):
-            self.stored[key] = value
-
     try:
         set_prompt(doc, "a red sign, a cat and a ball on green ground", cat="a ginger cat")
-        panel = dock.CollagePanel(Host())
+        panel = dock.CollagePanel(fakekrita.Host(doc))
         panel.resize(360, 1100)
         panel.refresh()
         names = [row.info.name for row in panel.rows.values()]

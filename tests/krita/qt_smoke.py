@@ -109,20 +109,7 @@ def dock_panel(report):
 
     doc = fakekrita.sample_stack()
 
-    class Host:
-        def __init__(self):
-            self.stored = {}
-
-        def active_document(self):
-            return doc
-
-        def read_setting(self, key, default=""):
-            return self.stored.get(key, default)
-
-        def write_setting(self, key, value):
-            self.stored[key] = value
-
-    panel = dock.CollagePanel(Host())
+    panel = dock.CollagePanel(fakekrita.Host(doc))
     panel.refresh()
     eq(
         sorted(r.info.name for r in panel.rows.values()),
