@@ -24,7 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.bench_generate import bench_collage, interleaved, stock_img2img  # noqa: E402
+from benchmarks.bench_generate import (  # noqa: E402
+    add_run_arguments,
+    bench_collage,
+    interleaved,
+    stock_img2img,
+)
 from core.attention import MaskedCrossAttention, masked_attention_hook  # noqa: E402
 from core.compositing import unet_feature_sizes  # noqa: E402
 from core.generate import StepContext, generate  # noqa: E402
@@ -78,11 +83,7 @@ def micro(model, size: int, repeats: int = 50) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="demo")
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--strength", type=float, default=0.75)
-    parser.add_argument("--repeats", type=int, default=7)
+    add_run_arguments(parser, repeats=7)
     parser.add_argument("--max-score", default="exact", choices=("exact", "bound"))
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--micro", action="store_true", help="also time single cross-attention calls")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_generate import bench_collage, timed_pair  # same folder: run as a script
+from bench_generate import add_run_arguments, bench_collage, timed_pair  # same folder: run as a script
 
 from core.control import control_image, controlnet_hook, load_controlnet, wrap_controlnet
 from core.generate import generate
@@ -24,15 +24,11 @@ from core.models import load_pipeline
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="demo")
+    add_run_arguments(parser)
     parser.add_argument(
         "--controlnet", default=None, help="hub id, folder or file (default: built from the U-Net)"
     )
     parser.add_argument("--controlnet-config", default=None)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--strength", type=float, default=0.75)
-    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
     model = load_pipeline(args.model)

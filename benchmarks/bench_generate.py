@@ -88,13 +88,18 @@ def stock_img2img(model, collage: Collage, prompt: str) -> Callable[[], object]:
     return run
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def add_run_arguments(parser: argparse.ArgumentParser, repeats: int = 5) -> None:
+    """The arguments every generation benchmark takes: model, size, steps, strength, repeats."""
     parser.add_argument("--model", default="demo")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--strength", type=float, default=0.75)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
     args = parser.parse_args()
 
     model = load_pipeline(args.model)
