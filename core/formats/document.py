@@ -8,25 +8,17 @@ groups) and hands it to `build_document`, which applies the rules described in
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+# The layer-naming rule is shared with the Krita dock (stdlib-only module, no Krita import).
+from krita_plugin.collage_diffusion.wire import is_default_name
+
 from ..collage import RGB, Collage, CollageError, Layer, LayerGroup, flatten_layers
 from .images import canvas_region, content_box, crop_to_content, flatten_on, shows_on_canvas
 from .settings import SETTINGS_ENTRY, DocumentSettings, parse_settings
-
-# Names image editors give new layers: they say nothing about what the layer shows.
-_DEFAULT_NAME = re.compile(
-    r"""^(?:(?:paint|vector|fill|file|clone|text|shape|pasted|new|group)\s+)?
-        (?:layer|background|group|shape|rectangle|ellipse|polygon|clipboard)
-        (?:\s*\#?\d+)?                     # "Layer 3", "Layer #3"
-        (?:\s+copy(?:\s*\#?\d+)?)*         # "Layer 3 copy 2"
-        (?:\s*\(merged\))?$""",
-    re.IGNORECASE | re.VERBOSE,
-)
 
 
 class DocumentError(CollageError):
@@ -83,12 +75,6 @@ def sidecar_settings(path: Path) -> DocumentSettings | None:
     if not sidecar.is_file():
         return None
     return decode_settings(sidecar, sidecar.read_bytes(), sidecar.name)
-
-
-def is_default_name(name: str) -> bool:
-    """Empty, a bare number, or a name an editor makes up ("Layer 3", "Paint Layer 2", "Background")."""
-    name = name.strip()
-    return not name or name.isdigit() or bool(_DEFAULT_NAME.match(name))
 
 
 def label(layer: Layer) -> str:

@@ -8,31 +8,13 @@ generation size, regenerate) happens here, on plain data, so it is tested withou
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 from . import wire
 from .settings import DocumentSettings, LayerSettings
+from .wire import is_default_name
 
 RESULTS_GROUP_NAME = "Collage results"
-
-# Names image editors give new layers: they say nothing about what the layer shows. The same rule
-# as core/formats/document.py (the CLI's reader of .ora/.psd), so a document gives the same collage
-# from the dock as from `collage generate`.
-_DEFAULT_NAME = re.compile(
-    r"""^(?:(?:paint|vector|fill|file|clone|text|shape|pasted|new|group)\s+)?
-        (?:layer|background|group|shape|rectangle|ellipse|polygon|clipboard)
-        (?:\s*\#?\d+)?                     # "Layer 3", "Layer #3"
-        (?:\s+copy(?:\s*\#?\d+)?)*         # "Layer 3 copy 2"
-        (?:\s*\(merged\))?$""",
-    re.IGNORECASE | re.VERBOSE,
-)
-
-
-def is_default_name(name: str) -> bool:
-    """Empty, a bare number, or a name an editor makes up ("Layer 3", "Paint Layer 2", "Background")."""
-    name = name.strip()
-    return not name or name.isdigit() or bool(_DEFAULT_NAME.match(name))
 
 
 def layer_text(settings: LayerSettings, name: str) -> str:

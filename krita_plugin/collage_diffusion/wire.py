@@ -21,6 +21,7 @@ import base64
 import binascii
 import json
 import math
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field, fields
@@ -31,6 +32,25 @@ API_VERSION = 1
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7870
 DEFAULT_MODEL = "demo"
+
+# Layer names. The dock and `core.formats` (the CLI's reader of .ora/.psd) read names by this one
+# rule, so a document gives the same collage from the dock as from `collage generate`.
+# Names image editors give new layers: they say nothing about what the layer shows.
+_DEFAULT_NAME = re.compile(
+    r"""^(?:(?:paint|vector|fill|file|clone|text|shape|pasted|new|group)\s+)?
+        (?:layer|background|group|shape|rectangle|ellipse|polygon|clipboard)
+        (?:\s*\#?\d+)?                     # "Layer 3", "Layer #3"
+        (?:\s+copy(?:\s*\#?\d+)?)*         # "Layer 3 copy 2"
+        (?:\s*\(merged\))?$""",
+    re.IGNORECASE | re.VERBOSE,
+)
+
+
+def is_default_name(name: str) -> bool:
+    """Empty, a bare number, or a name an editor makes up ("Layer 3", "Paint Layer 2", "Background")."""
+    name = name.strip()
+    return not name or name.isdigit() or bool(_DEFAULT_NAME.match(name))
+
 
 #: The token travels as ``Authorization: Bearer <token>`` on every request, websocket included.
 AUTH_HEADER = "Authorization"
