@@ -159,26 +159,14 @@ def main() -> int:
     if kritarunner is None:
         sys.exit("kritarunner is not installed (apt-get install krita python3-pyqt5)")
     with tempfile.TemporaryDirectory(prefix="bench-krita-") as tmp:
+        sys.path.insert(0, str(ROOT / "tests" / "krita"))
+        import harness  # the Krita tests' throwaway home: nothing of the user's Krita is touched
+
         home = Path(tmp)
-        for sub in (".config", ".local/share", ".cache", "run"):
-            (home / sub).mkdir(parents=True)
-        (home / "run").chmod(0o700)
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "VIRTUAL_ENV")}
-        env["PATH"] = os.pathsep.join(
-            d
-            for d in env.get("PATH", "").split(os.pathsep)
-            if d and not (Path(d).parent / "pyvenv.cfg").exists()
-        )
         report = home / "report.json"
-        env.update(
-            HOME=str(home),
-            XDG_CONFIG_HOME=str(home / ".config"),
-            XDG_DATA_HOME=str(home / ".local/share"),
-            XDG_CACHE_HOME=str(home / ".cache"),
-            XDG_RUNTIME_DIR=str(home / "run"),
-            QT_QPA_PLATFORM="offscreen",
+        env = harness.throwaway_home(
+            home,
             PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT / "krita_plugin")]),
-            PYTHONDONTWRITEBYTECODE="1",
             BENCH_REPORT=str(report),
             BENCH_SIZE=str(args.size),
             BENCH_LAYERS=str(args.layers),
