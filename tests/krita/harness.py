@@ -1,5 +1,6 @@
 """Helpers shared by the tests that run the plugin in other processes (real Krita, or a Python
-with PyQt5/PyQt6): a bridge on the demo model, free ports, clean environments."""
+with PyQt5/PyQt6): a bridge on the demo model, free ports, clean environments, and the check
+runner those processes use (standard library only: it runs inside Krita too)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 import urllib.request
 from pathlib import Path
 
@@ -108,3 +110,23 @@ def bridge(data_dir: Path, timeout: float = 120.0):
                 process.wait(10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+class Skip(Exception):
+    """Raised by a check that cannot run here; the message says why."""
+
+
+def run_check(fn) -> dict:
+    """Run the check ``fn(entry)``; its report entry: ok, skipped (why), detail (the traceback
+    of a failure; a check may also put a note there), seconds."""
+    entry = {"ok": False, "skipped": "", "detail": "", "seconds": 0.0}
+    t = time.monotonic()
+    try:
+        fn(entry)
+        entry["ok"] = True
+    except Skip as why:
+        entry["skipped"] = str(why)
+    except Exception:
+        entry["detail"] = traceback.format_exc()
+    entry["seconds"] = round(time.monotonic() - t, 2)
+    return entry

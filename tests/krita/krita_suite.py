@@ -22,6 +22,8 @@ import time
 import traceback
 from pathlib import Path
 
+from harness import Skip, run_check  # beside this module
+
 CHECKS = []
 
 
@@ -31,10 +33,6 @@ def check(needs_bridge: bool = False):
         return fn
 
     return wrap
-
-
-class Skip(Exception):
-    pass
 
 
 # -- building the test document ------------------------------------------------------------------------
@@ -690,6 +688,10 @@ def dock_panel_builds(report):
 # -- running ---------------------------------------------------------------------------------------------
 
 
+def _without_bridge(report):
+    raise Skip("no COLLAGE_TEST_BRIDGE")
+
+
 def run_all() -> dict:
     only = {s for s in os.environ.get("COLLAGE_TEST_ONLY", "").split(",") if s}
     bridge = os.environ.get("COLLAGE_TEST_BRIDGE")
@@ -698,18 +700,7 @@ def run_all() -> dict:
     for name, fn, needs_bridge in CHECKS:
         if only and name not in only:
             continue
-        entry = {"ok": False, "skipped": "", "detail": "", "seconds": 0.0}
-        t = time.monotonic()
-        try:
-            if needs_bridge and not bridge:
-                raise Skip("no COLLAGE_TEST_BRIDGE")
-            fn(entry)
-            entry["ok"] = True
-        except Skip as why:
-            entry["skipped"] = str(why)
-        except Exception:
-            entry["detail"] = traceback.format_exc()
-        entry["seconds"] = round(time.monotonic() - t, 2)
+        entry = run_check(fn if bridge or not needs_bridge else _without_bridge)
         checks[name] = entry
         print(
             f"[krita_suite] {name}: {'ok' if entry['ok'] else entry['skipped'] or 'FAILED'} ({entry['seconds']} s)"

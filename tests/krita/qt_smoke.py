@@ -14,20 +14,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1] / "krita_plugin")]
 
 import fakekrita  # noqa: E402
+from harness import Skip, run_check  # noqa: E402
 
 CHECKS = []
-
-
-class Skip(Exception):
-    pass
 
 
 def check(fn):
@@ -318,16 +313,7 @@ def main() -> int:
     app = qt.QtWidgets.QApplication.instance() or qt.QtWidgets.QApplication([])
     checks = {}
     for fn in CHECKS:
-        entry = {"ok": False, "skipped": "", "detail": "", "seconds": 0.0}
-        t = time.monotonic()
-        try:
-            fn(entry)
-            entry["ok"] = True
-        except Skip as why:
-            entry["skipped"] = str(why)
-        except Exception:
-            entry["detail"] = traceback.format_exc()
-        entry["seconds"] = round(time.monotonic() - t, 2)
+        entry = run_check(fn)
         checks[fn.__name__] = entry
         print(
             f"[qt_smoke] {fn.__name__}: {'ok' if entry['ok'] else entry['skipped'] or 'FAILED'}", flush=True
