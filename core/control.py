@@ -612,7 +612,9 @@ class ControlNetHook:
             )
         return self._maps[key]
 
-    def unet_kwargs(self, model_input: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor) -> dict:
+    def unet_kwargs(
+        self, model_input: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor, added_cond_kwargs=None
+    ) -> dict:
         if not self.active():
             return {}
         self.calls += 1
@@ -620,6 +622,7 @@ class ControlNetHook:
             model_input.to(self.controlnet.dtype),
             timestep,
             encoder_hidden_states=embeds.to(self.controlnet.dtype),
+            added_cond_kwargs=added_cond_kwargs,  # SDXL ControlNets take the U-Net's extra conditioning
             # One control image for the whole batch (both guidance halves): the ControlNet adds its
             # embedding to the latents' features, which broadcasts over the batch.
             controlnet_cond=self._image,

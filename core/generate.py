@@ -19,6 +19,7 @@ import torch
 
 from .collage import Collage, CollageError
 from .compositing import CompositeResult, composite, place_layer
+from .families import SD1, ModelFamily, PromptConditioning
 from .inversion import appearance_tokens
 from .schedulers import make_scheduler
 from .strength import StrengthPlan, paste_back, plan_strength, region_mask, strength_map
@@ -100,8 +101,9 @@ class SamplerHook(Protocol):
 
     `installed` is a context manager that changes the shared model for one generation and
     restores it on exit, also on error or cancel; `on_step` runs before each U-Net call. A hook
-    may also define `unet_kwargs(model_input, timestep, embeds) -> dict` to pass extra
-    arguments to that U-Net call (ControlNet residuals, for instance).
+    may also define `unet_kwargs(model_input, timestep, embeds, added_cond_kwargs) -> dict` to
+    pass extra arguments to that U-Net call (ControlNet residuals, for instance);
+    `added_cond_kwargs` is the family's extra conditioning (SDXL's) or None.
     """
 
     def installed(self, unet): ...
@@ -115,15 +117,11 @@ def timestep_sigma(scheduler, timestep: torch.Tensor) -> float:
     return ((1.0 - alpha_bar) / alpha_bar) ** 0.5
 
 
-# Approximate linear map from SD1.x/2.x latents to RGB, for cheap previews without the VAE.
-_LATENT_RGB = torch.tensor(
-    [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]]
-)
-
-
-def latent_preview(latents: torch.Tensor) -> np.ndarray:
-    """A latent-size RGB preview of the first latent in a batch (uint8, (h, w, 3))."""
-    rgb = torch.einsum("chw,cr->hwr", latents[0].float().cpu(), _LATENT_RGB)
+def latent_preview(latents: torch.Tensor, family: ModelFamily = SD1) -> np.ndarray:
+    """A latent-size RGB preview of the first latent in a batch (uint8, (h, w, 3)), through the
+    family's approximate linear map from latents to RGB (no VAE)."""
+    factors, bias = family.preview_rgb()
+    rgb = torch.einsum("chw,cr->hwr", latents[0].float().cpu(), factors) + bias
     return ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
 
 
@@ -201,16 +199,23 @@ def generate(
             warnings = _truncation_warnings(pipe.tokenizer, flat, spans)
         report(Progress("encoding", 0, 1))
         _check_cancel(cancel)
-        cond, uncond = pipe.encode_prompt(
-            spans.prompt, device, 1, do_cfg, negative_prompt=collage.negative_prompt or None
+        conditioning = model.family.encode_prompt(
+            pipe,
+            spans.prompt,
+            collage.negative_prompt or None,
+            device,
+            do_cfg,
+            (collage.height, collage.width),
         )
-    scaling = pipe.vae.config.scaling_factor
-    z0 = pipe.vae.encode(image_to_tensor(start_image, device, dtype)).latent_dist.mode() * scaling
+    vae = VaeCodec(pipe.vae, model.family.vae_needs_upcast(pipe.vae, dtype), dtype)
+    z0 = vae.encode(image_to_tensor(start_image, device, dtype))
 
     scheduler = make_scheduler(collage.scheduler, pipe.scheduler)
     setup = SamplingSetup(collage, flat, spans, model, latent_size)
     active = [hook for build in (hooks or []) if (hook := build(setup)) is not None]
-    run = _SamplingRun(pipe, collage, scheduler, plan, z0, cond, uncond, active, report, cancel)
+    run = _SamplingRun(
+        pipe.unet, vae, model.family, collage, scheduler, plan, z0, conditioning, active, report, cancel
+    )
     batch_size = max_batch or auto_batch_size(len(seeds), latent_size, device, do_cfg)
     images: list[GeneratedImage] = []
     with contextlib.ExitStack() as stack:
@@ -304,24 +309,54 @@ def _free_device_memory(device: torch.device) -> None:
 
 
 @dataclass
+class VaeCodec:
+    """The model's VAE between images and scaled latents; in float32 where the family's VAE
+    overflows in half precision (SDXL), as diffusers' pipelines do."""
+
+    vae: object
+    upcast: bool
+    dtype: torch.dtype  # the dtype of the latents the U-Net works in
+
+    @property
+    def scaling(self) -> float:
+        return self.vae.config.scaling_factor
+
+    def _run(self, fn, x: torch.Tensor) -> torch.Tensor:
+        if not self.upcast:
+            return fn(x)
+        self.vae.to(torch.float32)
+        try:
+            return fn(x.float()).to(self.dtype)
+        finally:
+            self.vae.to(self.dtype)
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        return self._run(lambda x: self.vae.encode(x).latent_dist.mode() * self.scaling, image)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._run(lambda z: self.vae.decode(z / self.scaling).sample, latents)
+
+
+@dataclass
 class _SamplingRun:
     """The denoising loop of one generation, run once per batch of variant seeds."""
 
-    pipe: object
+    unet: object
+    vae: VaeCodec
+    family: ModelFamily
     collage: Collage
     scheduler: object
     plan: StrengthPlan
     z0: torch.Tensor  # the start image's latents (1, C, h, w)
-    cond: torch.Tensor
-    uncond: torch.Tensor | None  # None when guidance is off
+    conditioning: PromptConditioning  # uncond None when guidance is off
     hooks: list[SamplerHook]
     report: ProgressCallback
     cancel: CancelFlag | None
 
     def sample(self, seeds: list[int], done: tuple[int, int]) -> list[np.ndarray]:
         """Denoise one batch; returns the decoded images (before paste-back)."""
-        pipe, scheduler, z0, plan = self.pipe, self.scheduler, self.z0, self.plan
-        scaling = pipe.vae.config.scaling_factor
+        scheduler, z0, plan = self.scheduler, self.z0, self.plan
+        guided = self.conditioning.uncond is not None
         scheduler.set_timesteps(self.collage.steps, device=z0.device)  # fresh multistep state
         order = scheduler.order
         timesteps = scheduler.timesteps[plan.first * order :]
@@ -335,9 +370,7 @@ class _SamplingRun:
         start_index = (
             None if plan.is_uniform else torch.from_numpy(plan.start_index).to(z0.device)[None, None]
         )
-        embeds = self.cond.expand(n, -1, -1)
-        if self.uncond is not None:
-            embeds = torch.cat([self.uncond.expand(n, -1, -1), embeds])
+        embeds, added = self.conditioning.batch(n)
 
         for i, t in enumerate(timesteps):
             _check_cancel(self.cancel)
@@ -349,14 +382,16 @@ class _SamplingRun:
             step = StepContext(i, t, timestep_sigma(scheduler, t))
             for hook in self.hooks:
                 hook.on_step(step)
-            model_input = torch.cat([latents] * 2) if self.uncond is not None else latents
+            model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
             extra = {}
             for hook in self.hooks:
                 if hasattr(hook, "unet_kwargs"):
-                    extra.update(hook.unet_kwargs(model_input, t, embeds))
-            noise_pred = pipe.unet(model_input, t, encoder_hidden_states=embeds, **extra).sample
-            if self.uncond is not None:
+                    extra.update(hook.unet_kwargs(model_input, t, embeds, added))
+            noise_pred = self.unet(
+                model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added, **extra
+            ).sample
+            if guided:
                 pred_uncond, pred_cond = noise_pred.chunk(2)
                 noise_pred = pred_uncond + self.collage.guidance_scale * (pred_cond - pred_uncond)
             latents = scheduler.step(noise_pred, t, latents).prev_sample
@@ -366,7 +401,7 @@ class _SamplingRun:
                     i + 1,
                     len(timesteps),
                     done,
-                    preview=lambda current=latents: latent_preview(current / scaling),
+                    preview=lambda current=latents: latent_preview(current / self.vae.scaling, self.family),
                 )
             )
         if start_index is not None:
@@ -374,4 +409,4 @@ class _SamplingRun:
 
         _check_cancel(self.cancel)
         self.report(Progress("decoding", 0, 1, done))
-        return tensor_to_images(pipe.vae.decode(latents / scaling).sample)
+        return tensor_to_images(self.vae.decode(latents))

@@ -16,9 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from .demo_model import DEMO_MODEL_ID, DEMO_VERSION, ensure_demo_model
+from .families import (
+    SD1,
+    SD2,
+    SDXL,
+    ModelFamily,
+    UnsupportedModelError,
+    checkpoint_family,
+    family_of_pipeline,
+)
+from .random_models import ensure_config_folder
 
 DEVICE_ENV = "COLLAGE_DEVICE"
 DTYPE_ENV = "COLLAGE_DTYPE"
@@ -58,9 +68,17 @@ except ImportError:
     DTYPE_KWARG = "torch_dtype"
 _EXPECTED = (
     "Expected the demo model ('demo'), a Hugging Face hub id such as 'runwayml/stable-diffusion-v1-5', "
-    "a diffusers model folder (with model_index.json), or a Stable Diffusion checkpoint file "
-    "(.safetensors or .ckpt)."
+    "a diffusers model folder (with model_index.json), or a Stable Diffusion 1.x/2.x or SDXL "
+    "checkpoint file (.safetensors or .ckpt)."
 )
+# Pipelines whose folders hold a model of a family the engine runs (img2img variants load the same
+# weights); the inpainting pipelines are refused with their own message.
+_PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": None,  # SD 1.x or 2.x: told apart by the text encoder's width
+    "StableDiffusionImg2ImgPipeline": None,
+    "StableDiffusionXLPipeline": SDXL,
+    "StableDiffusionXLImg2ImgPipeline": SDXL,
+}
 
 
 class ModelLoadError(ValueError):
@@ -69,11 +87,12 @@ class ModelLoadError(ValueError):
 
 @dataclass(frozen=True, eq=False)
 class LoadedModel:
-    pipeline: StableDiffusionPipeline
+    pipeline: DiffusionPipeline  # StableDiffusionPipeline or StableDiffusionXLPipeline
     ref: str  # what the user asked for
     identity: str  # identifies the exact weights (for caches keyed on the model)
     device: torch.device
     dtype: torch.dtype
+    family: ModelFamily = SD1  # what the pieces ask about the model (core/families.py)
 
 
 @dataclass(frozen=True)
@@ -82,6 +101,7 @@ class _Source:
     location: str  # hub id or resolved path
     key: str  # cache key; equals the identity except for hub ids (resolved on download)
     config: str | None = None  # single files: diffusers folder or hub id with the pipeline config
+    family: ModelFamily | None = None  # known before loading for folders and files
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -149,7 +169,9 @@ def _folder_identity(folder: Path) -> str:
     return "|".join(parts)
 
 
-def _check_diffusers_folder(folder: Path, what: str = "model folder") -> None:
+def folder_family(folder: Path, what: str = "model folder") -> ModelFamily:
+    """The family of the diffusers pipeline in `folder`, from its model_index.json and configs;
+    raises `ModelLoadError` for a folder that is not a pipeline the engine runs."""
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ModelLoadError(
@@ -157,21 +179,48 @@ def _check_diffusers_folder(folder: Path, what: str = "model folder") -> None:
             "saved with diffusers (model_index.json plus unet/, vae/, text_encoder/, tokenizer/ and "
             "scheduler/ subfolders), or pick the checkpoint file (.safetensors/.ckpt) itself."
         )
-    try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read {index_file}: {e}") from e
-    if "text_encoder_2" in index:
+    index = _read_json(index_file)
+    cls = str(index.get("_class_name", "diffusers"))
+    if "Inpaint" in cls:
         raise ModelLoadError(
-            f"{folder} is a {index.get('_class_name', 'two-text-encoder')} model (e.g. SDXL); "
-            "only Stable Diffusion 1.x/2.x models are supported."
+            f"{folder} holds a {cls} (an inpainting model); use the ordinary (non-inpainting) version "
+            "of the model: this tool does its own masking."
         )
-    missing = [c for c in _REQUIRED_COMPONENTS if not (index.get(c) or [None])[0]]
+    if cls not in _PIPELINE_FAMILIES:
+        raise ModelLoadError(
+            f"{folder} holds a {cls} model; only Stable Diffusion 1.x/2.x and SDXL pipelines are supported."
+        )
+    family = _PIPELINE_FAMILIES[cls]
+    present = {name for name, entry in index.items() if isinstance(entry, list) and entry[0]}
+    if family is SDXL and "text_encoder_2" in present and "text_encoder" not in present:
+        raise ModelLoadError(
+            f"{folder} is an SDXL refiner (it has only the second text encoder); the refiner only "
+            "polishes finished images: use an SDXL base model or a fine-tune of it."
+        )
+    required = [*_REQUIRED_COMPONENTS, *(("text_encoder_2", "tokenizer_2") if family is SDXL else ())]
+    missing = [c for c in required if c not in present]
     if missing:
-        raise ModelLoadError(
-            f"{folder} holds a {index.get('_class_name', 'diffusers')} model, not a Stable Diffusion "
-            f"pipeline: it lacks {', '.join(missing)}."
-        )
+        raise ModelLoadError(f"{folder} holds a {cls} model but lacks {', '.join(missing)}.")
+    unet_config = folder / "unet" / "config.json"
+    if unet_config.is_file():
+        channels = _read_json(unet_config).get("in_channels", 4)
+        if channels != 4:
+            raise ModelLoadError(
+                f"{folder}: its U-Net takes {channels} input channels (an inpainting or instruct "
+                "model); only ordinary 4-channel models are supported."
+            )
+    if family is None:
+        encoder_config = folder / "text_encoder" / "config.json"
+        width = _read_json(encoder_config).get("hidden_size") if encoder_config.is_file() else None
+        family = SD2 if width == 1024 else SD1
+    return family
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from e
 
 
 def _resolve_source(ref: str | os.PathLike[str], config: str | os.PathLike[str] | None) -> _Source:
@@ -188,17 +237,18 @@ def _resolve_source(ref: str | os.PathLike[str], config: str | os.PathLike[str] 
     if not path.exists():
         raise ModelLoadError(f"model file or folder not found: {path}")
     if path.is_dir():
-        _check_diffusers_folder(path)
-        return _Source("folder", str(path), _folder_identity(path))
+        family = folder_family(path)  # first: it explains a folder that is not a model
+        return _Source("folder", str(path), _folder_identity(path), family=family)
 
     if path.suffix.lower() not in MODEL_FILE_SUFFIXES:
         raise ModelLoadError(f"unsupported model file type '{path.suffix or '(none)'}': {path}. " + _EXPECTED)
     check_checkpoint_file(path)
+    family = checkpoint_file_family(path)
     config_ref = _resolve_config(config)
     identity = f"file:{path}|{stat_key(path)}"
     if config_ref is not None:
         identity += f"|config={config_ref}"
-    return _Source("file", str(path), identity, config_ref)
+    return _Source("file", str(path), identity, config_ref, family)
 
 
 def _resolve_config(config: str | os.PathLike[str] | None) -> str | None:
@@ -210,15 +260,14 @@ def _resolve_config(config: str | os.PathLike[str] | None) -> str | None:
     folder = Path(config).expanduser().resolve()
     if not folder.is_dir():
         raise ModelLoadError(f"config folder not found: {folder} (it should be a diffusers model folder)")
-    _check_diffusers_folder(folder, what="config folder")
+    folder_family(folder, what="config folder")
     return str(folder)
 
 
 def _checkpoint_problem(keys: list[str]) -> str | None:
-    """Why these state-dict keys are not a full SD 1.x/2.x checkpoint, or None if they look like one."""
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "it is an SDXL checkpoint; only Stable Diffusion 1.x/2.x models are supported"
-    if any(k.startswith("model.diffusion_model.") for k in keys):
+    """Why these state-dict keys are not a full checkpoint of some model family, or None if they
+    look like one (`checkpoint_file_family` then says which family, or why it is not supported)."""
+    if any(k.startswith(("model.diffusion_model.", "conditioner.", "double_blocks.")) for k in keys):
         return None
     if any("lora" in k.lower() for k in keys):
         return "it is a LoRA, not a full model; load a base model and apply the LoRA to it"
@@ -256,6 +305,31 @@ def check_checkpoint_file(path: Path, problem_of=None, what: str = "a model") ->
         )
 
 
+def checkpoint_file_family(path: Path) -> ModelFamily:
+    """The family of a single checkpoint file, read from its weight names without loading weights
+    (a .safetensors header; a .ckpt is memory-mapped, so its tensors are not read either)."""
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+                shapes = {
+                    k: f.get_slice(k).get_shape() for k in keys if k.endswith("input_blocks.0.0.weight")
+                }
+        else:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else {}
+            keys = list(state)
+            shapes = {k: tuple(v.shape) for k, v in state.items() if k.endswith("input_blocks.0.0.weight")}
+    except Exception as e:  # each format raises its own error types for damaged files
+        raise ModelLoadError(f"{path} could not be read (damaged or incomplete download?): {e}") from e
+    try:
+        return checkpoint_family(keys, shapes.__getitem__)
+    except UnsupportedModelError as e:
+        raise ModelLoadError(f"{path} cannot be used as a model: {e}.") from e
+
+
 def single_file_error(
     e: BaseException, location: str, config: str | None, *, loaded_as: str, family: str, config_hint: str
 ) -> ModelLoadError:
@@ -291,14 +365,6 @@ def hub_help() -> str:
     )
 
 
-_SD_KWARGS = {
-    # The engine never runs the NSFW checker: skipping it saves ~1.2 GB and a download.
-    "safety_checker": None,
-    "feature_extractor": None,
-    "requires_safety_checker": False,
-}
-
-
 def quiet_loading() -> None:
     """Loading bars and notices from diffusers/transformers would drown our own progress output."""
     import diffusers.utils.logging as diffusers_logging
@@ -309,21 +375,19 @@ def quiet_loading() -> None:
         logs.set_verbosity_error()
 
 
-def _load(source: _Source, dtype: torch.dtype) -> tuple[StableDiffusionPipeline, str]:
+def _load(source: _Source, dtype: torch.dtype) -> tuple[DiffusionPipeline, str]:
     """Load on CPU in `dtype`; returns the pipeline and the identity of its weights."""
     quiet_loading()
-    common = {DTYPE_KWARG: dtype, **_SD_KWARGS}
     if source.kind == "demo":
         try:
             folder = ensure_demo_model()
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"the demo model is not available: {e}") from e
-        pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **common)
-        return pipe, DEMO_VERSION
+        return _from_folder(folder, SD1, dtype), DEMO_VERSION
 
     if source.kind == "folder":
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(source.location, local_files_only=True, **common)
+            pipe = _from_folder(Path(source.location), source.family, dtype)
         except Exception as e:
             raise ModelLoadError(f"could not load the diffusers model in {source.location}: {e}") from e
         return pipe, source.key
@@ -331,7 +395,7 @@ def _load(source: _Source, dtype: torch.dtype) -> tuple[StableDiffusionPipeline,
     if source.kind == "hub":
         try:
             # download() returns the cached snapshot folder, whose name is the commit hash.
-            folder = Path(StableDiffusionPipeline.download(source.location))
+            folder = Path(DiffusionPipeline.download(source.location))
         except Exception as e:
             local = Path(source.location).resolve()
             raise ModelLoadError(
@@ -339,31 +403,55 @@ def _load(source: _Source, dtype: torch.dtype) -> tuple[StableDiffusionPipeline,
                 "Or use a local .safetensors/.ckpt file or diffusers folder instead "
                 f"(if you meant a local folder: {local} does not exist)."
             ) from e
+        family = folder_family(folder, what=f"hub model '{source.location}' ({folder})")
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **common)
+            pipe = _from_folder(folder, family, dtype)
         except Exception as e:
             raise ModelLoadError(f"could not load hub model '{source.location}' from {folder}: {e}") from e
         revision = folder.name if folder.parent.name == "snapshots" else None
         return pipe, f"hub:{source.location}" + (f"@{revision}" if revision else "")
 
-    # A single checkpoint file with the original (LDM) key names; diffusers converts it.
-    kwargs: dict[str, object] = {}
-    if source.config is not None:
-        kwargs["config"] = source.config
-        kwargs["local_files_only"] = os.path.isdir(source.config)
+    # A single checkpoint file with the original (LDM) key names; diffusers converts it, with the
+    # configuration the project ships for its family (nothing is fetched) unless one is given.
+    family = source.family
+    config = source.config or str(ensure_config_folder(family))
     try:
-        pipe = StableDiffusionPipeline.from_single_file(source.location, **common, **kwargs)
+        pipe = family.pipeline_class.from_single_file(
+            source.location,
+            config=config,
+            local_files_only=os.path.isdir(config),
+            **{DTYPE_KWARG: dtype},
+            **family.load_kwargs(),
+        )
     except Exception as e:
+        if "size mismatch" in str(e):
+            # diffusers lists every mismatched tensor: thousands of lines for a whole model.
+            raise ModelLoadError(
+                f"{source.location} is a {family.label} checkpoint whose weights do not have the "
+                f"standard {family.label} shapes{' of ' + source.config if source.config else ''} "
+                "(a pruned or unusual variant?); give its diffusers configuration with --model-config "
+                f"(a folder or hub id). First difference: {_first_mismatch(str(e))}"
+            ) from e
         raise single_file_error(
             e,
             source.location,
             source.config,
-            loaded_as="a Stable Diffusion checkpoint (damaged file, or a model type this tool does not support)",
-            family="model",
-            config_hint="--model-config, or config=): a diffusers folder or hub id of the same family, e.g. "
-            "a local copy of runwayml/stable-diffusion-v1-5 for SD 1.x files.",
+            loaded_as=f"a {family.label} checkpoint (damaged file, or a variant this tool does not support)",
+            family=family.label,
+            config_hint="--model-config, or config=): a diffusers folder or hub id of the same family.",
         ) from e
     return pipe, source.key
+
+
+def _first_mismatch(message: str) -> str:
+    line = next((ln for ln in message.splitlines() if "size mismatch" in ln), message)
+    return line.strip()[:300]
+
+
+def _from_folder(folder: Path, family: ModelFamily, dtype: torch.dtype) -> DiffusionPipeline:
+    return family.pipeline_class.from_pretrained(
+        folder, local_files_only=True, **{DTYPE_KWARG: dtype}, **family.load_kwargs()
+    )
 
 
 class OneSlotCache:
@@ -422,12 +510,12 @@ def load_pipeline(
     dtype: torch.dtype | str | None = None,
     config: str | os.PathLike[str] | None = None,
 ) -> LoadedModel:
-    """Load (or reuse) a Stable Diffusion pipeline.
+    """Load (or reuse) a Stable Diffusion 1.x/2.x or SDXL pipeline.
 
     `ref` is "demo", a hub id ("runwayml/stable-diffusion-v1-5"), a diffusers folder, or a
-    .safetensors/.ckpt file. For a single file, `config` (a diffusers folder or hub id of the same
-    model family) supplies the pipeline configuration; without it diffusers guesses the family
-    and fetches its configuration from the hub. Raises `ModelLoadError` with an actionable message.
+    .safetensors/.ckpt file. A single file's family is read from its weight names and loaded with
+    the configuration the project ships for that family (offline); `config` (a diffusers folder or
+    hub id of the same family) overrides it, e.g. for an SD 2.x model that is not v-prediction. Raises `ModelLoadError` with an actionable message.
     The same weights on the same device and dtype return the same `LoadedModel` object.
     """
     dev = pick_device(device)
@@ -436,8 +524,12 @@ def load_pipeline(
 
     def load() -> LoadedModel:
         pipe, identity = _load(source, dt)
+        try:
+            family = family_of_pipeline(pipe)
+        except UnsupportedModelError as e:
+            raise ModelLoadError(f"{ref}: {e}.") from e
         pipe = pipe.to(dev)
         pipe.set_progress_bar_config(disable=True)
-        return LoadedModel(pipeline=pipe, ref=str(ref), identity=identity, device=dev, dtype=dt)
+        return LoadedModel(pipe, str(ref), identity, dev, dt, family)
 
     return _models.get((source.key, str(dev), dt), load)

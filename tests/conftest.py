@@ -27,3 +27,20 @@ def demo_pipeline(demo_model_dir):
 
 
 # --- end of models fixtures ---
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(demo_model_dir):
+    """A tiny SDXL-shaped diffusers folder with random weights (core/random_models.py), built once
+    per session into the session's cache (the demo fixture set COLLAGE_CACHE)."""
+    from core.random_models import ensure_random_model
+
+    return ensure_random_model("sdxl", "tiny", demo_model_dir.parent.parent)
+
+
+@pytest.fixture
+def tiny_sdxl(tiny_sdxl_dir):
+    """The loaded tiny SDXL (`core.models.LoadedModel`)."""
+    from core.models import load_pipeline
+
+    return load_pipeline(tiny_sdxl_dir)

@@ -1,0 +1,293 @@
+"""What differs between model families, in one place: SD 1.x, SD 2.x and SDXL.
+
+The engine's pieces (prompt encoding, the denoising loop, masked attention, textual inversion,
+ControlNet, sizes, loading) ask the family of the loaded model instead of testing for SDXL
+themselves. A family is an instance of a small class: `StableDiffusionFamily` (one CLIP text
+encoder, the U-Net sees its last hidden states) or `StableDiffusionXLFamily` (two encoders whose
+penultimate hidden states are concatenated, plus the pooled text embedding and six `time_ids` as
+extra conditioning). A later family (Flux, say) is one more class and one more entry in `FAMILIES`.
+
+Families are told apart from a model's own files, never from its name: a diffusers folder by its
+`model_index.json` and component configs, a single checkpoint by its weight names
+(`checkpoint_family`); `core/assets/configs/<config_name>/` ships each family's configuration so
+that a single file loads with no network at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+CONFIGS_DIR = Path(__file__).parent / "assets" / "configs"
+
+
+class UnsupportedModelError(ValueError):
+    """A model of a family (or a variant) the engine does not run; the message names what it is."""
+
+
+@dataclass
+class PromptConditioning:
+    """A prompt encoded for the U-Net: the context for cross-attention and, for families that
+    have it, extra per-sample conditioning (SDXL: pooled text embedding and `time_ids`)."""
+
+    cond: torch.Tensor  # (1, tokens, context_dim)
+    uncond: torch.Tensor | None  # the negative prompt's, None without classifier-free guidance
+    added: dict[str, torch.Tensor] = field(default_factory=dict)  # each (1, ...)
+    added_uncond: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def batch(self, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Context and extra conditioning for n latents, as the CFG batch [uncond × n, cond × n]."""
+        embeds = self.cond.expand(n, -1, -1)
+        added = {k: v.expand(n, *v.shape[1:]) for k, v in self.added.items()}
+        if self.uncond is not None:
+            embeds = torch.cat([self.uncond.expand(n, -1, -1), embeds])
+            added = {
+                k: torch.cat([self.added_uncond[k].expand(n, *v.shape[1:]), v]) for k, v in added.items()
+            }
+        return embeds, (added or None)
+
+
+@dataclass(frozen=True)
+class TextEncoderSlot:
+    """One text encoder of a family: the pipeline attributes that hold it and its tokenizer, and
+    the key of its vector in a textual-inversion file."""
+
+    encoder: str  # "text_encoder" | "text_encoder_2"
+    tokenizer: str  # "tokenizer" | "tokenizer_2"
+    embedding_key: str  # key in a textual-inversion .safetensors file
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A family of models the engine runs. Subclasses say how prompts become U-Net conditioning."""
+
+    id: str  # stable short name used on the wire and in caches: "sd1", "sd2", "sdxl"
+    label: str  # for people: "Stable Diffusion XL"
+    pipeline_class_name: str  # the diffusers pipeline that loads it
+    config_name: str  # folder under core/assets/configs with its configuration
+    text_encoders: tuple[TextEncoderSlot, ...]
+    native_size: int  # side of the square the family was trained at (pixels)
+    size_multiple: int  # generation sizes are multiples of this
+    # Latent → RGB for previews without the VAE: 4×3 factors and a bias (approximate).
+    preview_factors: tuple[tuple[float, float, float], ...]
+    preview_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    canny_controlnet: str | None = None  # a hub id to suggest when a ControlNet does not fit
+    # Sizes (width, height) the family was trained on besides the native square.
+    buckets: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class_name)
+
+    @property
+    def config_dir(self) -> Path:
+        return CONFIGS_DIR / self.config_name
+
+    # --- prompts -------------------------------------------------------------------------
+    def encode_prompt(
+        self, pipe, prompt: str, negative_prompt: str | None, device, guidance: bool, size: tuple[int, int]
+    ) -> PromptConditioning:
+        """Encode the prompt (and negative prompt) as the family's stock pipeline would.
+        `size` is the generation size (height, width) in pixels."""
+        raise NotImplementedError
+
+    def vae_needs_upcast(self, vae, dtype: torch.dtype) -> bool:
+        """Whether the VAE must run in float32 (SDXL's overflows in float16)."""
+        return False
+
+    def load_kwargs(self) -> dict[str, object]:
+        """Extra arguments for the pipeline class's `from_pretrained`/`from_single_file`."""
+        return {}
+
+    # --- sizes ---------------------------------------------------------------------------
+    def nearest_size(self, width: int, height: int) -> tuple[int, int]:
+        """The generation size this family likes best for a canvas of this shape: about its
+        native area, the same aspect ratio, each side a multiple of `size_multiple`."""
+        m = self.size_multiple
+        scale = math.sqrt(self.native_size**2 / max(1, width * height))
+        w = max(m, round(width * scale / m) * m)
+        h = max(m, round(height * scale / m) * m)
+        return w, h
+
+    def preview_rgb(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor(self.preview_factors), torch.tensor(self.preview_bias)
+
+
+@dataclass(frozen=True)
+class StableDiffusionFamily(ModelFamily):
+    """SD 1.x and 2.x: one CLIP encoder; the U-Net's context is its last hidden states."""
+
+    def encode_prompt(self, pipe, prompt, negative_prompt, device, guidance, size):
+        cond, uncond = pipe.encode_prompt(prompt, device, 1, guidance, negative_prompt=negative_prompt)
+        return PromptConditioning(cond, uncond if guidance else None)
+
+    def load_kwargs(self):
+        # The engine never runs SD's NSFW checker: skipping it saves ~1.2 GB and a download.
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+@dataclass(frozen=True)
+class StableDiffusionXLFamily(ModelFamily):
+    """SDXL base and its fine-tunes: two encoders (CLIP-L, OpenCLIP-bigG), penultimate hidden
+    states concatenated; the pooled bigG embedding and six `time_ids` go in as added conditioning."""
+
+    def encode_prompt(self, pipe, prompt, negative_prompt, device, guidance, size):
+        cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
+            prompt=prompt,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=guidance,
+            negative_prompt=negative_prompt,
+        )
+        # (original size, crop top-left, target size): the whole image at the size it is made.
+        height, width = size
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=cond.dtype)
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+        if not guidance:
+            return PromptConditioning(cond, None, added)
+        return PromptConditioning(cond, uncond, added, {"text_embeds": pooled_uncond, "time_ids": time_ids})
+
+    def vae_needs_upcast(self, vae, dtype):
+        return dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+
+
+_CLIP_L = TextEncoderSlot("text_encoder", "tokenizer", "emb_params")
+# SD 1.x/2.x previews: the factors used since the first release of this project.
+_SD_PREVIEW = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
+
+SD1 = StableDiffusionFamily(
+    id="sd1",
+    label="Stable Diffusion 1.x",
+    pipeline_class_name="StableDiffusionPipeline",
+    config_name="sd15",
+    text_encoders=(_CLIP_L,),
+    native_size=512,
+    size_multiple=8,
+    preview_factors=_SD_PREVIEW,
+    canny_controlnet="lllyasviel/control_v11p_sd15_canny",
+)
+SD2 = StableDiffusionFamily(
+    id="sd2",
+    label="Stable Diffusion 2.x",
+    pipeline_class_name="StableDiffusionPipeline",
+    config_name="sd21-v",
+    text_encoders=(_CLIP_L,),
+    native_size=768,
+    size_multiple=8,
+    preview_factors=_SD_PREVIEW,
+    canny_controlnet="thibaud/controlnet-sd21-canny-diffusers",
+)
+SDXL = StableDiffusionXLFamily(
+    id="sdxl",
+    label="Stable Diffusion XL",
+    pipeline_class_name="StableDiffusionXLPipeline",
+    config_name="sdxl",
+    text_encoders=(
+        TextEncoderSlot("text_encoder", "tokenizer", "clip_l"),
+        TextEncoderSlot("text_encoder_2", "tokenizer_2", "clip_g"),
+    ),
+    native_size=1024,
+    size_multiple=64,
+    preview_factors=(
+        (0.3651, 0.4232, 0.4341),
+        (-0.2533, -0.0042, 0.1068),
+        (0.1076, 0.1111, -0.0362),
+        (-0.3165, -0.2492, -0.2188),
+    ),
+    preview_bias=(0.1084, -0.0175, -0.0011),
+    canny_controlnet="diffusers/controlnet-canny-sdxl-1.0",
+    buckets=(
+        (1152, 896),
+        (896, 1152),
+        (1216, 832),
+        (832, 1216),
+        (1344, 768),
+        (768, 1344),
+        (1536, 640),
+        (640, 1536),
+    ),
+)
+
+FAMILIES: dict[str, ModelFamily] = {f.id: f for f in (SD1, SD2, SDXL)}
+
+
+def family_by_id(family_id: str) -> ModelFamily:
+    try:
+        return FAMILIES[family_id]
+    except KeyError:
+        known = ", ".join(FAMILIES)
+        raise UnsupportedModelError(f"unknown model family '{family_id}' (known: {known})") from None
+
+
+def family_of_pipeline(pipe) -> ModelFamily:
+    """The family of a loaded diffusers pipeline, from its components' configurations."""
+    unet_config = pipe.unet.config
+    if getattr(unet_config, "addition_embed_type", None) == "text_time":
+        if getattr(pipe, "text_encoder", None) is None:
+            raise UnsupportedModelError(
+                "this is an SDXL refiner (it has only the second text encoder); the refiner only "
+                "polishes finished images: use an SDXL base model or a fine-tune of it"
+            )
+        return SDXL
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise UnsupportedModelError(f"a {type(pipe).__name__} model with two text encoders is not supported")
+    width = pipe.text_encoder.config.hidden_size
+    return SD2 if width == 1024 else SD1
+
+
+# --- single checkpoint files (original LDM key layout) ---------------------------------------
+_UNET_PREFIX = "model.diffusion_model."
+_FIRST_CONV = _UNET_PREFIX + "input_blocks.0.0.weight"
+
+
+def checkpoint_family(keys, shape_of=None) -> ModelFamily:
+    """The family of a full single-file checkpoint from its weight names (and, for inpainting
+    models, the first convolution's shape via `shape_of(key)`). Raises `UnsupportedModelError`
+    naming what the file is when it is not a model the engine runs."""
+    keys = list(keys)
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if has("double_blocks.") or has(_UNET_PREFIX + "double_blocks."):
+        raise UnsupportedModelError(
+            "it is a Flux model; Flux is not supported yet (SD 1.x, 2.x and SDXL are)"
+        )
+    if has("joint_blocks.") or has(_UNET_PREFIX + "joint_blocks."):
+        raise UnsupportedModelError(
+            "it is a Stable Diffusion 3 model; SD3 is not supported (SD 1.x, 2.x and SDXL are)"
+        )
+    if has("conditioner.embedders.1.model."):
+        family = SDXL
+    elif has("conditioner.embedders.0.model."):
+        raise UnsupportedModelError(
+            "it is an SDXL refiner (it has only the OpenCLIP-bigG text encoder); the refiner only "
+            "polishes finished images: use an SDXL base model or a fine-tune of it"
+        )
+    elif has("cond_stage_model.model."):
+        family = SD2
+    elif has("cond_stage_model.transformer."):
+        family = SD1
+    elif has(_UNET_PREFIX):
+        raise UnsupportedModelError(
+            "it holds a U-Net without its text encoder (a partial checkpoint); use a full model file"
+        )
+    else:
+        raise UnsupportedModelError(
+            "it has no Stable Diffusion U-Net weights (no 'model.diffusion_model.*' keys)"
+        )
+    if shape_of is not None and _FIRST_CONV in keys:
+        channels = shape_of(_FIRST_CONV)[1]
+        if channels == 9:
+            raise UnsupportedModelError(
+                f"it is an inpainting model ({family.label}, a U-Net with 9 input channels); use the "
+                "ordinary (non-inpainting) version of the model: this tool does its own masking"
+            )
+        if channels != 4:
+            raise UnsupportedModelError(
+                f"its U-Net takes {channels} input channels ({family.label} variant such as "
+                "instruct-pix2pix); only ordinary 4-channel models are supported"
+            )
+    return family
