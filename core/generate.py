@@ -177,10 +177,7 @@ def generate(
     pipe, device, dtype = model.pipeline, model.device, model.dtype
 
     flat = composite(collage)
-    if regenerate is None:
-        start_image, pixel_strength = flat.image, strength_map(collage, flat)
-    else:
-        start_image, pixel_strength = _regenerate_start(collage, flat, regenerate)
+    start_image, pixel_strength = start_and_strength(collage, flat, regenerate)
     texts = [layer.text for layer in flat.layers]
     spans = token_spans(pipe.tokenizer, collage.prompt, texts)
     warnings = _truncation_warnings(pipe.tokenizer, flat, spans)
@@ -249,6 +246,16 @@ def _truncation_warnings(tokenizer, flat: CompositeResult, spans: TokenSpans) ->
         f" {tokenizer.model_max_length}-token limit and are ignored; shorten the prompt"
         for i in spans.truncated
     ]
+
+
+def start_and_strength(
+    collage: Collage, flat: CompositeResult, regenerate: Regenerate | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The start image and the per-pixel strength map s(p): the flattened collage and each
+    layer's strength over its visible mask, or those of a regenerate."""
+    if regenerate is None:
+        return flat.image, strength_map(collage, flat)
+    return _regenerate_start(collage, flat, regenerate)
 
 
 def _regenerate_start(

@@ -247,3 +247,50 @@ def test_masked_attention_moves_layer_attention_into_its_mask_on_sdxl(tiny_sdxl)
     assert float(with_bias.mean()) >= 2.5 * float(without.mean())
     assert float(with_bias.mean()) >= float(without.mean()) + 0.25
     assert (with_bias > without + 0.2).all()
+
+
+# --- generating at the family's size ---
+
+
+def test_generation_size_policies():
+    from core.sizing import generation_size, parse_size
+
+    assert parse_size("auto") == "auto" and parse_size(" 1024X768 ") == (1024, 768)
+    for bad in ("big", "1000x77", "100x100x3"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    assert generation_size(SDXL, (1000, 1000)) == (1000, 1000)  # near 1 MP: kept
+    assert generation_size(SDXL, (512, 512)) == (1024, 1024)
+    assert generation_size(SD1, (4000, 3000)) == (592, 440)
+    assert generation_size(SD1, (4001, 3001), "document") == (4000, 3000)
+    assert generation_size(SD1, (300, 200), (256, 128)) == (256, 128)
+
+
+def test_generate_at_another_size_keeps_the_canvas_guarantees(tiny_sdxl):
+    """A 200×150 canvas (not even a multiple of 8) generated at 128×96 and scaled back: the result
+    has the canvas size, and strength-0 pixels are the canvas composite's bytes."""
+    from core.sizing import generate_at_size
+
+    red = np.zeros((60, 60, 4), np.uint8)
+    red[...] = (220, 30, 30, 255)
+    c = Collage(
+        prompt="a red box",
+        layers=[Layer("red box", red, offset=(20, 30), strength=0.0)],
+        width=200,
+        height=150,
+        steps=3,
+        strength=0.8,
+        seed=1,
+    )
+    result = generate_at_size(tiny_sdxl, c, (128, 96))
+    image = result.images[0].image
+    assert image.shape == (150, 200, 3)
+    assert np.array_equal(image[30:90, 20:80], result.composite[30:90, 20:80])
+    assert not np.array_equal(image, result.composite)
+    c.layers[0].strength = 0.9
+    again = generate_at_size(tiny_sdxl, c, (128, 96), regenerate=Regenerate(image, 0, dilation_px=4))
+    regenerated = again.images[0].image
+    outside = np.ones((150, 200), bool)
+    outside[30 - 4 : 90 + 4, 20 - 4 : 80 + 4] = False
+    assert np.array_equal(regenerated[outside], image[outside])
+    assert not np.array_equal(regenerated[30:90, 20:80], image[30:90, 20:80])
