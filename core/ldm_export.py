@@ -1,23 +1,32 @@
-"""Export a diffusers Stable Diffusion pipeline as a single checkpoint with the original LDM key names.
+"""Export a diffusers SD 1.x, 2.x or SDXL pipeline as a single checkpoint with the original key names.
 
-This is the reverse of diffusers' `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint` and
-`convert_ldm_clip_checkpoint` (as in diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py),
-but derived from the model configs instead of hard-coding SD 1.5's four blocks, so it also works
-for small models such as the demo model. The text encoder is written in the SD 1.x (Hugging Face
-CLIP) layout, which diffusers, A1111 and ComfyUI read for SD 1.x models.
+This is the reverse of diffusers' `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`,
+`convert_ldm_clip_checkpoint` and `convert_open_clip_checkpoint` (as in diffusers'
+scripts/convert_diffusers_to_original_stable_diffusion.py), but derived from the model configs
+instead of hard-coding SD 1.5's four blocks, so it also works for small models such as the demo
+model and the tiny random SDXL. The text encoders are written where each family's original code
+kept them: SD 1.x's CLIP-L in the Hugging Face layout under `cond_stage_model.transformer.`;
+SD 2.x's OpenCLIP-H in the OpenCLIP layout under `cond_stage_model.model.`; SDXL's CLIP-L under
+`conditioner.embedders.0.transformer.` and its OpenCLIP-bigG under `conditioner.embedders.1.model.`.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+from .families import SD1, SD2, SDXL, ModelFamily, family_of_pipeline
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer."
+CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x
+SD2_OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 # (diffusers, LDM) renames inside a U-Net ResBlock.
 _UNET_RESNET_RENAMES = (
@@ -35,6 +44,11 @@ _UNET_TOP_LEVEL = {
     "conv_norm_out.": "out.0.",
     "conv_out.": "out.2.",
 }
+# SDXL's pooled-text + time_ids embedding (`addition_embed_type="text_time"`).
+_UNET_ADDED_EMBEDDING = {
+    "add_embedding.linear_1.": "label_emb.0.0.",
+    "add_embedding.linear_2.": "label_emb.0.2.",
+}
 # (diffusers, LDM) renames inside the VAE's mid-block attention.
 _VAE_ATTN_RENAMES = {
     "group_norm.": "norm.",
@@ -48,13 +62,20 @@ _VAE_ATTN_RENAMES = {
 def _unet_prefix_map(unet: UNet2DConditionModel) -> dict[str, str]:
     """diffusers module prefix -> LDM prefix, for every block of this U-Net's layout."""
     cfg = unet.config
-    if cfg.class_embed_type is not None or cfg.addition_embed_type is not None:
-        raise ValueError("only SD 1.x/2.x-style U-Nets (no class or added embeddings) can be exported")
+    if cfg.class_embed_type is not None or cfg.addition_embed_type not in (None, "text_time"):
+        raise ValueError(
+            "only SD 1.x/2.x and SDXL U-Nets can be exported (this one has a class embedding or an "
+            f"added embedding of type {cfg.addition_embed_type!r})"
+        )
     layers = cfg.layers_per_block
     if not isinstance(layers, int):
         raise ValueError("U-Nets with a different number of layers per block cannot be exported")
     per_block = layers + 1  # LDM numbers resnet(+attention) layers, then the down/upsampler, in one list
     prefixes = dict(_UNET_TOP_LEVEL)
+    if cfg.addition_embed_type == "text_time":
+        prefixes.update(_UNET_ADDED_EMBEDDING)
+    # A transformer stack keeps its inner names (`transformer_blocks.N...`, however deep), and
+    # blocks without attention simply have no `.1` slot: diffusers' converter expects both.
 
     for i, block in enumerate(unet.down_blocks):
         for j in range(layers):
@@ -156,25 +177,105 @@ def vae_to_ldm(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
     return out
 
 
-def text_encoder_to_ldm(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
-    """The CLIP text encoder's weights under SD 1.x names (without `cond_stage_model.transformer.`)."""
-    out = {}
+def _text_model_state(text_encoder: CLIPTextModel | CLIPTextModelWithProjection):
+    """The encoder's weights under `text_model.` names whatever the transformers version
+    (>= 5.6 flattened CLIPTextModel; CLIPTextModelWithProjection still wraps `text_model`)."""
     for key, value in text_encoder.state_dict().items():
-        if key == "text_model.embeddings.position_ids" or key == "embeddings.position_ids":
+        if key.endswith("embeddings.position_ids"):
             continue  # a buffer, not a weight; loaders rebuild it
-        # transformers >= 5.6 flattened CLIPTextModel (no `text_model.`); the file format keeps it.
-        out[key if key.startswith("text_model.") else "text_model." + key] = value
+        if not key.startswith(("text_model.", "text_projection.")):
+            key = "text_model." + key
+        yield key, value
+
+
+def text_encoder_to_ldm(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
+    """A CLIP-L text encoder's weights in the Hugging Face layout (`text_model.*`), as SD 1.x keeps
+    it under `cond_stage_model.transformer.` and SDXL under `conditioner.embedders.0.transformer.`."""
+    return dict(_text_model_state(text_encoder))
+
+
+# Hugging Face CLIP -> OpenCLIP names inside one transformer layer (q/k/v are handled apart).
+_OPEN_CLIP_LAYER_RENAMES = {
+    "self_attn.out_proj.": "attn.out_proj.",
+    "layer_norm1.": "ln_1.",
+    "layer_norm2.": "ln_2.",
+    "mlp.fc1.": "mlp.c_fc.",
+    "mlp.fc2.": "mlp.c_proj.",
+}
+_OPEN_CLIP_TOP_LEVEL = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+_LAYER_PREFIX = "text_model.encoder.layers."
+_QKV = re.compile(r"self_attn\.(?P<proj>[qkv])_proj\.(?P<kind>weight|bias)")
+
+
+def open_clip_text_to_ldm(
+    text_encoder: CLIPTextModel | CLIPTextModelWithProjection,
+) -> dict[str, torch.Tensor]:
+    """An OpenCLIP text encoder's weights in the OpenCLIP layout (without SD 2.x's
+    `cond_stage_model.model.` or SDXL's `conditioner.embedders.1.model.` prefix).
+
+    Every layer the encoder has is written; diffusers reads as many as its config asks for (SD 2.x
+    models in diffusers drop OpenCLIP's last layer, whose output SD 2.x never used). OpenCLIP keeps
+    q, k and v as one `in_proj` matrix, and `text_projection` as a (width, projection) matrix: the
+    transpose of the Hugging Face Linear's weight.
+    """
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (layer, weight|bias) -> q/k/v
+    for key, value in _text_model_state(text_encoder):
+        if key in _OPEN_CLIP_TOP_LEVEL:
+            out[_OPEN_CLIP_TOP_LEVEL[key]] = value
+        elif key == "text_projection.weight":
+            out["text_projection"] = value.T
+        elif key.startswith(_LAYER_PREFIX):
+            layer, rest = key[len(_LAYER_PREFIX) :].split(".", 1)
+            ldm = f"transformer.resblocks.{layer}."
+            split = _QKV.fullmatch(rest)
+            if split:  # OpenCLIP's one in_proj matrix, gathered below
+                qkv.setdefault((ldm, split["kind"]), {})[split["proj"]] = value
+                continue
+            for a, b in _OPEN_CLIP_LAYER_RENAMES.items():
+                if rest.startswith(a):
+                    out[ldm + b + rest[len(a) :]] = value
+                    break
+            else:
+                raise ValueError(f"text encoder weight '{key}' has no OpenCLIP equivalent")
+        else:
+            raise ValueError(f"text encoder weight '{key}' has no OpenCLIP equivalent")
+    for (ldm, kind), parts in qkv.items():
+        out[f"{ldm}attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return out
 
 
+def _text_parts(pipeline: DiffusionPipeline, family: ModelFamily):
+    if family is SDXL:
+        return (
+            (SDXL_CLIP_PREFIX, text_encoder_to_ldm(pipeline.text_encoder)),
+            (SDXL_OPEN_CLIP_PREFIX, open_clip_text_to_ldm(pipeline.text_encoder_2)),
+        )
+    if family is SD2:
+        return ((SD2_OPEN_CLIP_PREFIX, open_clip_text_to_ldm(pipeline.text_encoder)),)
+    if family is SD1:
+        return ((CLIP_PREFIX, text_encoder_to_ldm(pipeline.text_encoder)),)
+    raise ValueError(f"{family.label} models cannot be exported as a single checkpoint")
+
+
 def ldm_state_dict(
-    pipeline: StableDiffusionPipeline, dtype: torch.dtype | None = None
+    pipeline: DiffusionPipeline, dtype: torch.dtype | None = None, family: ModelFamily | None = None
 ) -> dict[str, torch.Tensor]:
-    """The whole pipeline's weights as one LDM-keyed state dict (CPU, contiguous, unshared)."""
+    """The whole pipeline's weights as one LDM-keyed state dict (CPU, contiguous, unshared).
+
+    `family` decides where the text encoders go; by default the pipeline's own (an SD 2.x model is
+    told from SD 1.x by its encoder's width, so small SD 2.x-shaped models must say `family=SD2`).
+    """
+    family = family or family_of_pipeline(pipeline)
     parts = (
         (UNET_PREFIX, unet_to_ldm(pipeline.unet)),
         (VAE_PREFIX, vae_to_ldm(pipeline.vae)),
-        (CLIP_PREFIX, text_encoder_to_ldm(pipeline.text_encoder)),
+        *_text_parts(pipeline, family),
     )
     state = {}
     for prefix, weights in parts:
@@ -186,15 +287,19 @@ def ldm_state_dict(
 
 
 def save_as_ldm_checkpoint(
-    pipeline: StableDiffusionPipeline, path: str | Path, *, dtype: torch.dtype | None = None
+    pipeline: DiffusionPipeline,
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    family: ModelFamily | None = None,
 ) -> Path:
-    """Write the pipeline's U-Net, VAE and text encoder as one original-format SD checkpoint.
+    """Write the pipeline's U-Net, VAE and text encoder(s) as one original-format checkpoint.
 
     `.safetensors` is written with safetensors; `.ckpt` as `torch.save({"state_dict": ...})` like
-    the original training checkpoints. Scheduler and tokenizer are not stored (they never were).
+    the original training checkpoints. Scheduler and tokenizers are not stored (they never were).
     """
     path = Path(path)
-    state = ldm_state_dict(pipeline, dtype)
+    state = ldm_state_dict(pipeline, dtype, family)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors.torch import save_file

@@ -424,13 +424,13 @@ def _load(source: _Source, dtype: torch.dtype) -> tuple[DiffusionPipeline, str]:
             **family.load_kwargs(),
         )
     except Exception as e:
-        if "size mismatch" in str(e):
-            # diffusers lists every mismatched tensor: thousands of lines for a whole model.
+        difference = _shape_difference(str(e))
+        if difference:
             raise ModelLoadError(
                 f"{source.location} is a {family.label} checkpoint whose weights do not have the "
                 f"standard {family.label} shapes{' of ' + source.config if source.config else ''} "
                 "(a pruned or unusual variant?); give its diffusers configuration with --model-config "
-                f"(a folder or hub id). First difference: {_first_mismatch(str(e))}"
+                f"(a folder or hub id). First difference: {difference}"
             ) from e
         raise single_file_error(
             e,
@@ -443,9 +443,17 @@ def _load(source: _Source, dtype: torch.dtype) -> tuple[DiffusionPipeline, str]:
     return pipe, source.key
 
 
-def _first_mismatch(message: str) -> str:
-    line = next((ln for ln in message.splitlines() if "size mismatch" in ln), message)
-    return line.strip()[:300]
+def _shape_difference(message: str) -> str | None:
+    """The first shape difference in diffusers' error for weights that do not fit the
+    configuration, or None for any other error."""
+    if "size mismatch" in message:
+        # diffusers lists every mismatched tensor: thousands of lines for a whole model.
+        line = next(ln for ln in message.splitlines() if "size mismatch" in ln)
+        return line.strip()[:300]
+    if "does not seem to contain a valid CLIP model" in message:
+        # diffusers picks each text encoder's weights by their width; none had the configured one.
+        return "a text encoder's width is not the configured one"
+    return None
 
 
 def _from_folder(folder: Path, family: ModelFamily, dtype: torch.dtype) -> DiffusionPipeline:

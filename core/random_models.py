@@ -27,7 +27,7 @@ from .paths import cache_dir as default_cache_dir
 SCALES = ("tiny", "real")
 
 # Changes to the shipped configs or these shapes need a new name: folders are built once.
-_VERSION = "v1"
+_VERSION = "v2"
 
 # Tiny shapes per component (merged over the family's real config). The VAE keeps four blocks so
 # that it downsamples 8× like the real one; the text encoders keep the 49,408-token vocabulary.
@@ -66,14 +66,16 @@ _TINY = {
             "attention_head_dim": [2, 4],
             "transformer_layers_per_block": [1, 2],
             "addition_time_embed_dim": 8,
-            "projection_class_embeddings_input_dim": 80,  # 32 (pooled) + 6 × 8
-            "cross_attention_dim": 64,  # 32 + 32: both encoders' hidden states side by side
+            "projection_class_embeddings_input_dim": 88,  # 40 (pooled, encoder 2) + 6 × 8
+            "cross_attention_dim": 80,  # 32 + 48: both encoders' hidden states side by side
             "norm_num_groups": 1,
             "sample_size": 32,
         },
         "vae": _TINY_VAE,
         "text_encoder": _TINY_TEXT,
-        "text_encoder_2": _TINY_TEXT,
+        # Wider than the first encoder, as bigG is wider than CLIP-L: diffusers' single-file
+        # loader tells the two apart by width. A projection unlike the width catches transposes.
+        "text_encoder_2": {**_TINY_TEXT, "hidden_size": 48, "projection_dim": 40},
     },
 }
 

@@ -143,17 +143,21 @@ def test_nearest_size(family, size, expected):
 def test_sdxl_conditioning_is_both_encoders_and_time_ids(tiny_sdxl):
     pipe = tiny_sdxl.pipeline
     c = SDXL.encode_prompt(pipe, "a red box", "blurry", tiny_sdxl.device, True, (96, 160))
-    assert c.cond.shape == (1, 77, pipe.unet.config.cross_attention_dim)  # 32 + 32 side by side
-    assert c.added["text_embeds"].shape == (1, 32)
+    assert c.cond.shape == (1, 77, pipe.unet.config.cross_attention_dim)  # 32 + 48 side by side
+    assert c.added["text_embeds"].shape == (1, 40)  # encoder 2's projection
     assert c.added["time_ids"].tolist() == [[96, 160, 0, 0, 96, 160]]
     embeds, added = c.batch(3)
-    assert embeds.shape[0] == 6 and added["text_embeds"].shape == (6, 32)
+    assert embeds.shape[0] == 6 and added["text_embeds"].shape == (6, 40)
     assert torch.equal(added["text_embeds"][0], c.added_uncond["text_embeds"][0])
     assert torch.equal(added["text_embeds"][5], c.added["text_embeds"][0])
-    # The first half of the context is encoder 1's penultimate layer, the second encoder 2's.
-    ids = pipe.tokenizer("a red box", padding="max_length", max_length=77, return_tensors="pt").input_ids
-    hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
-    assert torch.allclose(c.cond[..., :32], hidden, atol=1e-6)
+    # The first 32 channels of the context are encoder 1's penultimate layer, the other 48 encoder 2's.
+    for encoder, tokenizer, part in (
+        (pipe.text_encoder, pipe.tokenizer, slice(0, 32)),
+        (pipe.text_encoder_2, pipe.tokenizer_2, slice(32, 80)),
+    ):
+        ids = tokenizer("a red box", padding="max_length", max_length=77, return_tensors="pt").input_ids
+        hidden = encoder(ids, output_hidden_states=True).hidden_states[-2]
+        assert torch.allclose(c.cond[..., part], hidden, atol=1e-6)
 
 
 def test_both_tokenizers_put_a_layer_on_the_same_positions(tiny_sdxl):
