@@ -236,8 +236,13 @@ def family_of_pipeline(pipe) -> ModelFamily:
         return SDXL
     if getattr(pipe, "text_encoder_2", None) is not None:
         raise UnsupportedModelError(f"a {type(pipe).__name__} model with two text encoders is not supported")
-    width = pipe.text_encoder.config.hidden_size
-    return SD2 if width == 1024 else SD1
+    return sd_family_of_text_encoder(pipe.text_encoder.config.to_dict())
+
+
+def sd_family_of_text_encoder(config: dict) -> ModelFamily:
+    """SD 1.x (OpenAI CLIP-L: quick_gelu, 768 wide) or SD 2.x (OpenCLIP-H: gelu, 1024 wide), from
+    the single text encoder's configuration; the activation also tells small test models apart."""
+    return SD2 if config.get("hidden_size") == 1024 or config.get("hidden_act") == "gelu" else SD1
 
 
 # --- single checkpoint files (original LDM key layout) ---------------------------------------

@@ -21,12 +21,12 @@ from diffusers import DiffusionPipeline
 from .demo_model import DEMO_MODEL_ID, DEMO_VERSION, ensure_demo_model
 from .families import (
     SD1,
-    SD2,
     SDXL,
     ModelFamily,
     UnsupportedModelError,
     checkpoint_family,
     family_of_pipeline,
+    sd_family_of_text_encoder,
 )
 from .random_models import ensure_config_folder
 
@@ -211,8 +211,7 @@ def folder_family(folder: Path, what: str = "model folder") -> ModelFamily:
             )
     if family is None:
         encoder_config = folder / "text_encoder" / "config.json"
-        width = _read_json(encoder_config).get("hidden_size") if encoder_config.is_file() else None
-        family = SD2 if width == 1024 else SD1
+        family = sd_family_of_text_encoder(_read_json(encoder_config) if encoder_config.is_file() else {})
     return family
 
 

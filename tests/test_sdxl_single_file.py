@@ -9,10 +9,10 @@ import torch
 from safetensors import safe_open
 
 from core.collage import Collage, Layer
-from core.families import SD2, SDXL, checkpoint_family
+from core.families import SD2, SDXL, checkpoint_family, family_of_pipeline
 from core.generate import generate
 from core.ldm_export import ldm_state_dict, open_clip_text_to_ldm, save_as_ldm_checkpoint, unet_to_ldm
-from core.models import ModelLoadError, checkpoint_file_family, load_pipeline
+from core.models import ModelLoadError, checkpoint_file_family, folder_family, load_pipeline
 from core.random_models import build_random_pipeline, component_config, ensure_random_model
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -180,11 +180,12 @@ def test_single_file_sdxl_generates_what_the_folder_generates(tiny_sdxl, tiny_sd
 
 
 def test_sd2_single_file_is_detected_and_round_trips(demo_model_dir, tmp_path, offline):
-    """The tiny SD 2.x-shaped model is only 32 wide, so it must say it is SD 2.x when exported;
-    the file's keys then say so to the loader."""
+    """The tiny SD 2.x-shaped model is only 32 wide: its OpenCLIP activation (gelu, where CLIP-L
+    has quick_gelu) tells it apart from SD 1.x; the file's keys then say so to the loader."""
     sd2_dir = ensure_random_model("sd2", "tiny", demo_model_dir.parent.parent)
     original = build_random_pipeline(SD2, "tiny")
-    path = save_as_ldm_checkpoint(original, tmp_path / "tiny-sd2.safetensors", family=SD2)
+    assert family_of_pipeline(original) is SD2 and folder_family(sd2_dir) is SD2
+    path = save_as_ldm_checkpoint(original, tmp_path / "tiny-sd2.safetensors")
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
     assert "cond_stage_model.model.transformer.resblocks.4.attn.in_proj_weight" in keys
