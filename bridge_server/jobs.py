@@ -24,7 +24,8 @@ import numpy as np
 from PIL import Image
 
 from core.collage import Collage, CollageError
-from core.generate import GenerationCancelled, GenerationResult, Progress
+from core.generate import GenerationResult
+from core.progress import GenerationCancelled, Progress
 from krita_plugin.collage_diffusion import wire
 
 from .config import BridgeConfig

@@ -42,11 +42,11 @@ from torch import nn
 
 from .demo_model import DEMO_VERSION
 from .paths import cache_dir
+from .progress import CancelFlag, Progress, ProgressCallback, check_cancel
 
-if TYPE_CHECKING:  # generate.py imports this module: import it lazily at run time
+if TYPE_CHECKING:
     from .collage import Collage
     from .compositing import CompositeResult
-    from .generate import CancelFlag, ProgressCallback
 
 log = logging.getLogger(__name__)
 
@@ -512,8 +512,6 @@ def _train_steps(
     """Train v* for `token` (already in the tokenizer with id `token_id`) on one layer image."""
     from diffusers import DDPMScheduler
 
-    from .generate import Progress, _check_cancel
-
     pipe, device, dtype = model.pipeline, model.device, model.dtype
     obj = _object_tensor(image)
     if obj is None:
@@ -566,7 +564,7 @@ def _train_steps(
     try:
         batch = None
         for step in range(settings.steps):
-            _check_cancel(cancel)
+            check_cancel(cancel)
             if batch is None or settings.resample:
                 batch = draw()
             noisy, timesteps, target, mask, ids = batch

@@ -18,7 +18,6 @@ import torch
 from core import inversion
 from core.collage import Collage, Layer
 from core.compositing import composite
-from core.generate import GenerationCancelled
 from core.inversion import (
     InversionCache,
     InversionResult,
@@ -29,6 +28,7 @@ from core.inversion import (
     read_embedding,
     train_embedding,
 )
+from core.progress import GenerationCancelled
 from core.tokens import token_spans
 
 TINY = InversionSettings(steps=2, resolution=64, seed=5)
