@@ -41,6 +41,22 @@ def _imported(module: str, is_package: bool, node: ast.Import | ast.ImportFrom) 
     return [f"{target}.{alias.name}" for alias in node.names]
 
 
+def unresolved_imports(package_dir: Path) -> list[str]:
+    """Relative imports of modules that do not exist (a deferred one fails only when it runs)."""
+    modules = _module_names(package_dir)
+    bad = []
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level and node.module:
+                target = _imported(name, is_package, node)[0].rpartition(".")[0]
+                if target not in modules:
+                    bad.append(
+                        f"{path.relative_to(package_dir.parent)}:{node.lineno}: {'.' * node.level}{node.module}"
+                    )
+    return bad
+
+
 def import_graph(package_dir: Path) -> dict[str, set[str]]:
     """module → the package's own modules it imports, anywhere in its source."""
     modules = _module_names(package_dir)
@@ -91,6 +107,11 @@ def test_no_import_circle(package):
     assert cycle is None, "import circle: " + " → ".join(cycle)
 
 
+@pytest.mark.parametrize("package", PACKAGES)
+def test_relative_imports_resolve(package):
+    assert unresolved_imports(ROOT / package) == []
+
+
 def test_known_edges_are_seen():
     """The graph sees relative, nested-package and deferred imports (or the test above proves nothing)."""
     graph = import_graph(ROOT / "core")
@@ -111,6 +132,8 @@ def test_deferred_imports_count(tmp_path):
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.d import y\n"
     )
     (pkg / "d.py").write_text("from . import c\n")
+    (pkg / "e.py").write_text("def f():\n    from .nowhere import g\n")
+    assert unresolved_imports(pkg) == ["pkg/e.py:2: .nowhere"]
     graph = import_graph(pkg)
     assert graph["pkg.b"] == {"pkg.a"}
     assert graph["pkg.d"] == {"pkg.c"}
