@@ -156,7 +156,7 @@ def test_fp16_model_trains_an_fp32_embedding(demo_pipeline):
 
 
 def test_loss_scale_skips_overflowing_steps():
-    scaler = inversion._LossScale(enabled=True)
+    scaler = inversion.training._LossScale(enabled=True)
     param = torch.ones(3, requires_grad=True)
     start = scaler.scale
     assert scaler.grad((param * float("inf")).sum(), param) is None
@@ -435,8 +435,8 @@ wired = pytest.mark.skipif(not _wired(), reason="generate() does not call appear
 
 @pytest.fixture
 def small_inversion(monkeypatch, tmp_path):
-    monkeypatch.setattr(inversion, "DEFAULT_SETTINGS", TINY)
-    monkeypatch.setattr(inversion, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(inversion.recipe, "DEFAULT_SETTINGS", TINY)
+    monkeypatch.setattr(inversion.cache, "cache_dir", lambda: tmp_path)
     return tmp_path / "embeddings"
 
 
