@@ -13,7 +13,7 @@ from core.generate import GeneratedImage, GenerationResult
 from core.progress import GenerationCancelled, Progress
 from krita_plugin.collage_diffusion import wire
 
-from .jobs import RunRequest
+from .engine import RunRequest
 
 
 def solid_layer(
