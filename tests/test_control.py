@@ -1,4 +1,4 @@
-"""Masked, weighted ControlNet per layer (core/control.py, algorithm.md §3) on the demo model.
+"""Masked, weighted ControlNet per layer (core/control/, algorithm.md §3) on the demo model.
 
 The ControlNet is a tiny one built offline from the demo U-Net (`ControlNetModel.from_unet`).
 Its zero-initialised output convolutions would make every residual zero, so they are filled

@@ -1,4 +1,4 @@
-"""Single-image textual inversion per layer (core/inversion.py) on the demo model.
+"""Single-image textual inversion per layer (core/inversion/) on the demo model.
 
 Step counts are tiny (the demo model is random; these check the machinery, not image quality).
 """
