@@ -46,7 +46,8 @@ def serve_fake(port: int, data_dir: str) -> None:
 
     from bridge_server.app import create_app
     from bridge_server.config import BridgeConfig
-    from core.generate import GeneratedImage, GenerationResult, Progress
+    from core.generate import GeneratedImage, GenerationResult
+    from core.progress import Progress
 
     rng = np.random.default_rng(0)
     ready: dict[tuple[int, int], np.ndarray] = {}

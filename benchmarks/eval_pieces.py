@@ -328,7 +328,7 @@ def eval_appearance(model, args, gallery: Gallery, common: dict) -> list[Row]:
     """§2: the unnamed pattern's distance, inversion off and on."""
     rows: list[Row] = []
     # §2 appearance: inversion off vs on for the layer whose pattern nobody names.
-    import core.inversion as inv
+    from core.inversion import recipe as inv  # the knobs are read from here at run time
 
     chosen = {"steps": args.inversion_steps, "learning_rate": args.inversion_lr}
     inv.DEFAULT_SETTINGS = replace(inv.DEFAULT_SETTINGS, **{k: v for k, v in chosen.items() if v is not None})

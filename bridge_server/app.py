@@ -9,8 +9,9 @@ from krita_plugin.collage_diffusion import wire
 from . import handlers
 from .auth import security_middleware
 from .config import BridgeConfig
+from .engine import RunJob
 from .handlers import error_middleware
-from .jobs import JobManager, RunJob
+from .jobs import JobManager
 from .keys import CONFIG, MANAGER
 
 JOB_ID = "{job_id:[0-9a-f]{32}}"

@@ -46,7 +46,7 @@ class Converted:
 
 def engine_supports_regenerate() -> bool:
     """ENGINE HOOK (regenerate): whether core has `core.generate.Regenerate` and `generate` takes
-    ``regenerate=``; `jobs.Engine.run` passes it then. An engine without it gets regenerate
+    ``regenerate=``; `engine.Engine.run` passes it then. An engine without it gets regenerate
     requests validated in full and answered 422 on `regenerate_layer`."""
     import core.generate
 

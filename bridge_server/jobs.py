@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import threading
 import time
@@ -21,109 +20,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
-from core.collage import Collage, CollageError
-from core.generate import GenerationCancelled, GenerationResult, Progress
+from core.collage import CollageError
+from core.generate import GenerationResult
+from core.progress import GenerationCancelled, Progress
 from krita_plugin.collage_diffusion import wire
 
 from .config import BridgeConfig
 from .convert import Converted, RequestProblems, parse_request, to_collage
+from .engine import Engine, RunJob, RunRequest
+from .images import encode_png, preview_png
 from .storage import JobStore, StoredJob, new_job_id, select_for_cleanup
 
 log = logging.getLogger(__name__)
 
 INTERRUPTED_RESTART = "interrupted: the bridge restarted before the job finished"
 INTERRUPTED_STOP = "interrupted: the bridge was stopped before the job finished"
-
-
-@dataclass
-class RunRequest:
-    """What the GPU thread gets for one job."""
-
-    collage: Collage
-    model: str
-    variants: int
-    seeds: list[int] | None
-    progress: Callable[[Progress], None]
-    cancel: threading.Event
-    max_batch: int | None
-    base_image: np.ndarray | None = None
-    regenerate_layer: int | None = None
-    regenerate_dilation: int = 8
-
-
-#: Runs one job on the GPU thread; returns core's result or raises (GenerationCancelled, ...).
-RunJob = Callable[[RunRequest], GenerationResult]
-
-
-class Engine:
-    """The real engine: models through `core.models.load_pipeline`, then `core.generate`.
-
-    Core keeps one model in memory and reuses it for the same reference; the engine only
-    remembers the last one it got (holding more would keep released models alive).
-    """
-
-    def __init__(self, device: str | None = None, options: dict | None = None):
-        self.device = device
-        self.options = options or {}  # core.options.EngineOptions fields (attention, ControlNet)
-        self.current = None  # core.models.LoadedModel
-        self.current_ref: str | None = None
-
-    def load(self, ref: str):
-        from core.models import load_pipeline
-
-        model = load_pipeline(ref, device=self.device)
-        self.current, self.current_ref = model, ref
-        return model
-
-    def run(self, req: RunRequest) -> GenerationResult:
-        from core.generate import generate
-        from core.options import EngineOptions, build_hooks
-
-        if req.model != self.current_ref:
-            req.progress(Progress(wire.PHASE_LOADING, 0, 1))
-        model = self.load(req.model)
-        kwargs = {}
-        if req.regenerate_layer is not None:
-            # ENGINE HOOK (regenerate): convert.engine_supports_regenerate() lets such requests
-            # through only when core has this.
-            from core.generate import Regenerate
-
-            kwargs["regenerate"] = Regenerate(
-                base_image=req.base_image,
-                layer_index=req.regenerate_layer,
-                dilation_px=req.regenerate_dilation,
-            )
-        # The ControlNet is cached by core and re-checked against this job's model each time.
-        hooks, warnings = build_hooks(
-            model, req.collage, EngineOptions(**self.options), controlnet_errors="warn"
-        )
-        result = generate(
-            model,
-            req.collage,
-            variants=req.variants,
-            seeds=req.seeds,
-            progress=req.progress,
-            cancel=req.cancel,
-            max_batch=req.max_batch,
-            hooks=hooks,
-            **kwargs,
-        )
-        result.warnings[:0] = warnings
-        return result
-
-    def describe(self, ref: str) -> tuple[bool, str, str]:
-        """(loaded, device, dtype) of a model: where it runs, or where it will once loaded."""
-        if self.current is not None and self.current_ref == ref:
-            return True, str(self.current.device), str(self.current.dtype).replace("torch.", "")
-        try:
-            from core.models import pick_device, pick_dtype
-
-            device = pick_device(self.device)
-            return False, str(device), str(pick_dtype(device)).replace("torch.", "")
-        except Exception as error:  # e.g. --device cuda on a machine without one
-            return False, f"unavailable: {error}", "?"
 
 
 @dataclass(eq=False)
@@ -151,24 +63,6 @@ class Job:
 
 class QueueFull(Exception):
     pass
-
-
-def encode_png(image: np.ndarray, level: int = 1) -> bytes:
-    """A PNG of an (H, W, 3|4) uint8 image, fast: OpenCV's libpng with run-length deflate is about
-    2.5× quicker than Pillow's encoder on a 2048² picture, and no bigger; Pillow if cv2 is absent."""
-    try:
-        import cv2
-    except ImportError:
-        cv2 = None
-    if cv2 is not None and image.ndim == 3 and image.shape[2] in (3, 4):
-        order = cv2.COLOR_RGB2BGR if image.shape[2] == 3 else cv2.COLOR_RGBA2BGRA
-        params = [cv2.IMWRITE_PNG_COMPRESSION, level, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
-        ok, data = cv2.imencode(".png", cv2.cvtColor(image, order), params)
-        if ok:
-            return data.tobytes()
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, "PNG", compress_level=level)
-    return buf.getvalue()
 
 
 def _variants_of(p: Progress) -> tuple[int, int]:
@@ -468,24 +362,13 @@ class JobManager:
             now = time.monotonic()
             if p.preview is not None and now - job.last_preview >= interval:
                 job.last_preview = now
-                preview = self._preview_png(p.preview)
+                preview = preview_png(p.preview, self.config.preview_size)
             done, asked = _variants_of(p)
             info = wire.ProgressInfo(p.phase, int(p.step), int(p.total), done, asked)
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody listens any more
                 loop.call_soon_threadsafe(self._on_progress, job, info, preview)
 
         return report
-
-    def _preview_png(self, render: Callable[[], np.ndarray]) -> bytes | None:
-        try:
-            img = Image.fromarray(np.ascontiguousarray(render()))
-            img.thumbnail((self.config.preview_size, self.config.preview_size))
-            buf = io.BytesIO()
-            img.save(buf, "PNG", compress_level=1)
-            return buf.getvalue()
-        except Exception:  # a preview is a nicety; never fail the job for it
-            log.debug("preview failed", exc_info=True)
-            return None
 
     def _on_progress(self, job: Job, info: wire.ProgressInfo, preview: bytes | None) -> None:
         if job.finished:

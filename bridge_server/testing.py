@@ -9,10 +9,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from core.generate import GeneratedImage, GenerationCancelled, GenerationResult, Progress
+from core.generate import GeneratedImage, GenerationResult
+from core.progress import GenerationCancelled, Progress
 from krita_plugin.collage_diffusion import wire
 
-from .jobs import RunRequest
+from .engine import RunRequest
 
 
 def solid_layer(

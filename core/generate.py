@@ -21,35 +21,12 @@ from .collage import Collage, CollageError
 from .compositing import CompositeResult, composite, place_layer
 from .families import SD1, ModelFamily, PromptConditioning
 from .inversion import appearance_tokens
+from .progress import CancelFlag, Progress, ProgressCallback, check_cancel
 from .schedulers import make_scheduler
 from .strength import StrengthPlan, paste_back, plan_strength, region_mask, strength_map
 from .tokens import TokenSpans, token_spans
 
 log = logging.getLogger(__name__)
-
-
-class CancelFlag(Protocol):
-    """Anything with ``is_set()``: a `threading.Event` is the usual one."""
-
-    def is_set(self) -> bool: ...
-
-
-class GenerationCancelled(Exception):
-    """Raised from inside `generate` when the cancel flag was set; nothing is returned."""
-
-
-@dataclass
-class Progress:
-    """One progress report. `preview()` renders a small RGB guess of the current image on demand."""
-
-    phase: str  # "encoding", "sampling", "decoding"
-    step: int
-    total: int
-    variants: tuple[int, int] = (0, 1)  # (variants finished before this batch, variants asked for)
-    preview: Callable[[], np.ndarray] | None = None
-
-
-ProgressCallback = Callable[[Progress], None]
 
 
 @dataclass
@@ -142,11 +119,6 @@ def seed_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
 
 
-def _check_cancel(cancel: CancelFlag | None) -> None:
-    if cancel is not None and cancel.is_set():
-        raise GenerationCancelled("generation cancelled")
-
-
 @torch.no_grad()
 def generate(
     model,
@@ -195,7 +167,7 @@ def generate(
             spans = token_spans(pipe.tokenizer, collage.prompt, texts, prefixes)
             warnings = _truncation_warnings(pipe.tokenizer, flat, spans)
         report(Progress("encoding", 0, 1))
-        _check_cancel(cancel)
+        check_cancel(cancel)
         conditioning = model.family.encode_prompt(
             pipe,
             spans.prompt,
@@ -380,7 +352,7 @@ class _SamplingRun:
         embeds, added = self.conditioning.batch(n)
 
         for i, t in enumerate(timesteps):
-            _check_cancel(self.cancel)
+            check_cancel(self.cancel)
             if start_index is not None and i > 0:
                 # Regions that have not started yet, or start at this step, enter it as the
                 # composite noised to this step (for the latter that is exactly SDEdit's start).
@@ -414,6 +386,6 @@ class _SamplingRun:
         if start_index is not None:
             latents = torch.where(start_index >= self.collage.steps, start, latents)  # never started
 
-        _check_cancel(self.cancel)
+        check_cancel(self.cancel)
         self.report(Progress("decoding", 0, 1, done))
         return tensor_to_images(self.vae.decode(latents))

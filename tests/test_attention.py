@@ -20,7 +20,8 @@ from core.attention import (
 )
 from core.collage import Collage, Layer
 from core.compositing import composite
-from core.generate import GenerationCancelled, SamplingSetup, StepContext, generate
+from core.generate import SamplingSetup, StepContext, generate
+from core.progress import GenerationCancelled
 from core.tokens import TokenSpans
 
 

@@ -13,7 +13,8 @@ from PIL import Image
 from bridge_server import testing as T
 from bridge_server.app import create_app
 from bridge_server.config import BridgeConfig
-from bridge_server.jobs import INTERRUPTED_RESTART, INTERRUPTED_STOP, encode_png
+from bridge_server.images import encode_png
+from bridge_server.jobs import INTERRUPTED_RESTART, INTERRUPTED_STOP
 from bridge_server.keys import MANAGER
 from bridge_server.storage import JobStore, StoredJob, select_for_cleanup
 from krita_plugin.collage_diffusion import wire

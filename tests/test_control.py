@@ -1,4 +1,4 @@
-"""Masked, weighted ControlNet per layer (core/control.py, algorithm.md §3) on the demo model.
+"""Masked, weighted ControlNet per layer (core/control/, algorithm.md §3) on the demo model.
 
 The ControlNet is a tiny one built offline from the demo U-Net (`ControlNetModel.from_unet`).
 Its zero-initialised output convolutions would make every residual zero, so they are filled
@@ -423,9 +423,9 @@ def test_all_pieces_together(model, controlnet, monkeypatch, tmp_path):
         from core import inversion
 
         monkeypatch.setattr(
-            inversion, "DEFAULT_SETTINGS", inversion.InversionSettings(steps=2, resolution=64, seed=5)
+            inversion.recipe, "DEFAULT_SETTINGS", inversion.InversionSettings(steps=2, resolution=64, seed=5)
         )
-        monkeypatch.setattr(inversion, "cache_dir", lambda: tmp_path)
+        monkeypatch.setattr(inversion.cache, "cache_dir", lambda: tmp_path)
         c.layers[2].appearance = True
     hooks.append(controlnet_hook(controlnet))
     with captured(model) as calls:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from core.collage import Collage, CollageError, Layer
-from core.generate import GenerationCancelled, generate
+from core.generate import generate
+from core.progress import GenerationCancelled
 
 
 def two_layer_collage(**overrides):

@@ -1,4 +1,4 @@
-"""Single-image textual inversion per layer (core/inversion.py) on the demo model.
+"""Single-image textual inversion per layer (core/inversion/) on the demo model.
 
 Step counts are tiny (the demo model is random; these check the machinery, not image quality).
 """
@@ -18,7 +18,6 @@ import torch
 from core import inversion
 from core.collage import Collage, Layer
 from core.compositing import composite
-from core.generate import GenerationCancelled
 from core.inversion import (
     InversionCache,
     InversionResult,
@@ -29,6 +28,7 @@ from core.inversion import (
     read_embedding,
     train_embedding,
 )
+from core.progress import GenerationCancelled
 from core.tokens import token_spans
 
 TINY = InversionSettings(steps=2, resolution=64, seed=5)
@@ -156,7 +156,7 @@ def test_fp16_model_trains_an_fp32_embedding(demo_pipeline):
 
 
 def test_loss_scale_skips_overflowing_steps():
-    scaler = inversion._LossScale(enabled=True)
+    scaler = inversion.training._LossScale(enabled=True)
     param = torch.ones(3, requires_grad=True)
     start = scaler.scale
     assert scaler.grad((param * float("inf")).sum(), param) is None
@@ -435,8 +435,8 @@ wired = pytest.mark.skipif(not _wired(), reason="generate() does not call appear
 
 @pytest.fixture
 def small_inversion(monkeypatch, tmp_path):
-    monkeypatch.setattr(inversion, "DEFAULT_SETTINGS", TINY)
-    monkeypatch.setattr(inversion, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(inversion.recipe, "DEFAULT_SETTINGS", TINY)
+    monkeypatch.setattr(inversion.cache, "cache_dir", lambda: tmp_path)
     return tmp_path / "embeddings"
 
 

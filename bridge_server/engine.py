@@ -1,0 +1,105 @@
+"""What the GPU thread runs for one job: `RunRequest` in, core's `GenerationResult` out. `Engine`
+is the real one (models through `core.models`, then `core.generate` with the configured hooks);
+tests and benchmarks pass their own `RunJob`."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.collage import Collage
+from core.generate import GenerationResult
+from core.progress import Progress
+from krita_plugin.collage_diffusion import wire
+
+
+@dataclass
+class RunRequest:
+    """What the GPU thread gets for one job."""
+
+    collage: Collage
+    model: str
+    variants: int
+    seeds: list[int] | None
+    progress: Callable[[Progress], None]
+    cancel: threading.Event
+    max_batch: int | None
+    base_image: np.ndarray | None = None
+    regenerate_layer: int | None = None
+    regenerate_dilation: int = 8
+
+
+#: Runs one job on the GPU thread; returns core's result or raises (GenerationCancelled, ...).
+RunJob = Callable[[RunRequest], GenerationResult]
+
+
+class Engine:
+    """The real engine: models through `core.models.load_pipeline`, then `core.generate`.
+
+    Core keeps one model in memory and reuses it for the same reference; the engine only
+    remembers the last one it got (holding more would keep released models alive).
+    """
+
+    def __init__(self, device: str | None = None, options: dict | None = None):
+        self.device = device
+        self.options = options or {}  # core.options.EngineOptions fields (attention, ControlNet)
+        self.current = None  # core.models.LoadedModel
+        self.current_ref: str | None = None
+
+    def load(self, ref: str):
+        from core.models import load_pipeline
+
+        model = load_pipeline(ref, device=self.device)
+        self.current, self.current_ref = model, ref
+        return model
+
+    def run(self, req: RunRequest) -> GenerationResult:
+        from core.generate import generate
+        from core.options import EngineOptions, build_hooks
+
+        if req.model != self.current_ref:
+            req.progress(Progress(wire.PHASE_LOADING, 0, 1))
+        model = self.load(req.model)
+        kwargs = {}
+        if req.regenerate_layer is not None:
+            # ENGINE HOOK (regenerate): convert.engine_supports_regenerate() lets such requests
+            # through only when core has this.
+            from core.generate import Regenerate
+
+            kwargs["regenerate"] = Regenerate(
+                base_image=req.base_image,
+                layer_index=req.regenerate_layer,
+                dilation_px=req.regenerate_dilation,
+            )
+        # The ControlNet is cached by core and re-checked against this job's model each time.
+        hooks, warnings = build_hooks(
+            model, req.collage, EngineOptions(**self.options), controlnet_errors="warn"
+        )
+        result = generate(
+            model,
+            req.collage,
+            variants=req.variants,
+            seeds=req.seeds,
+            progress=req.progress,
+            cancel=req.cancel,
+            max_batch=req.max_batch,
+            hooks=hooks,
+            **kwargs,
+        )
+        result.warnings[:0] = warnings
+        return result
+
+    def describe(self, ref: str) -> tuple[bool, str, str]:
+        """(loaded, device, dtype) of a model: where it runs, or where it will once loaded."""
+        if self.current is not None and self.current_ref == ref:
+            return True, str(self.current.device), str(self.current.dtype).replace("torch.", "")
+        try:
+            from core.models import pick_device, pick_dtype
+
+            device = pick_device(self.device)
+            return False, str(device), str(pick_dtype(device)).replace("torch.", "")
+        except Exception as error:  # e.g. --device cuda on a machine without one
+            return False, f"unavailable: {error}", "?"

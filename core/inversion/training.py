@@ -1,0 +1,195 @@
+"""Training one embedding v* on one layer image: augmentation, the masked loss, fp32 training
+with loss scaling for fp16 models, progress and cancel per step (`train_embedding`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..progress import CancelFlag, Progress, ProgressCallback, check_cancel
+from . import recipe
+from .recipe import InversionResult, InversionSettings, cache_key, placeholder_tokens, resolved_resolution
+from .splice import _Spliced, added_tokens
+
+
+def _object_tensor(image: np.ndarray) -> torch.Tensor | None:
+    """(4, h, w) float32: premultiplied RGB and alpha, cropped to the object's bounding box."""
+    alpha = image[..., 3]
+    ys, xs = np.nonzero(alpha)
+    if len(ys) == 0:
+        return None
+    crop = image[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float32) / 255.0
+    a = crop[..., 3:4]
+    premultiplied = np.concatenate([crop[..., :3] * a, a], axis=-1)  # invisible colour → exactly 0
+    return torch.from_numpy(np.ascontiguousarray(premultiplied)).permute(2, 0, 1).contiguous()
+
+
+def augment(obj: torch.Tensor, size: int, gen: torch.Generator, settings: InversionSettings):
+    """One augmented sample: the object scaled into a size×size square at a random place, maybe
+    flipped, over a random colour. Returns RGB (3, size, size) in [-1, 1] and alpha (1, size, size).
+
+    Resampling works on premultiplied colour, so pixels with alpha 0 contribute nothing.
+    """
+    _, h, w = obj.shape
+    lo, hi = settings.scale
+    s = lo + (hi - lo) * float(torch.rand((), generator=gen))
+    fit = size / max(h, w)
+    nh, nw = max(1, min(size, round(h * fit * s))), max(1, min(size, round(w * fit * s)))
+    resized = F.interpolate(obj[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
+    y = int(torch.randint(0, size - nh + 1, (), generator=gen))
+    x = int(torch.randint(0, size - nw + 1, (), generator=gen))
+    canvas = torch.zeros(4, size, size)
+    canvas[:, y : y + nh, x : x + nw] = resized
+    flip = float(torch.rand((), generator=gen)) < 0.5
+    if settings.flip and flip:
+        canvas = canvas.flip(-1)
+    background = torch.rand(3, generator=gen)
+    alpha = canvas[3:].clamp(0, 1)
+    rgb = (canvas[:3] + (1 - alpha) * background[:, None, None]).clamp(0, 1)
+    return rgb * 2 - 1, alpha
+
+
+class _LossScale:
+    """Dynamic loss scaling for fp16 models (what torch's GradScaler does, for one fp32 tensor and
+    without touching the model's parameters): overflowing steps are skipped and the scale halved."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.scale = 2.0**16 if enabled else 1.0
+        self._good = 0
+
+    def grad(self, loss: torch.Tensor, param: torch.Tensor) -> torch.Tensor | None:
+        (grad,) = torch.autograd.grad(loss * self.scale, [param])
+        grad = grad.float() / self.scale
+        if not torch.isfinite(grad).all():
+            if self.enabled:
+                self.scale = max(self.scale / 2, 1.0)
+                self._good = 0
+            return None
+        if self.enabled:
+            self._good += 1
+            if self._good >= 200:
+                self.scale, self._good = min(self.scale * 2, 2.0**24), 0
+        return grad
+
+
+def initial_embedding(pipe, text: str) -> torch.Tensor:
+    """v* starts as the mean input embedding of the layer text's tokens (fp32, CPU)."""
+    ids = pipe.tokenizer(text, add_special_tokens=False).input_ids or [pipe.tokenizer.eos_token_id]
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    return weight[torch.tensor(ids, device=weight.device)].detach().float().mean(0).cpu()
+
+
+def _train(*args, **kwargs) -> InversionResult:
+    # Gradients for v* even inside generate()'s no_grad (or a caller's inference_mode).
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train_steps(*args, **kwargs)
+
+
+def _train_steps(
+    model,
+    token: str,
+    token_id: int,
+    image: np.ndarray,
+    text: str,
+    init: torch.Tensor,
+    settings: InversionSettings,
+    report: ProgressCallback,
+    cancel: CancelFlag | None,
+) -> InversionResult:
+    """Train v* for `token` (already in the tokenizer with id `token_id`) on one layer image."""
+    from diffusers import DDPMScheduler
+
+    pipe, device, dtype = model.pipeline, model.device, model.dtype
+    obj = _object_tensor(image)
+    if obj is None:
+        raise ValueError(f"layer '{text}' has no visible pixels to learn from")
+    size = resolved_resolution(pipe, settings)
+    factor = int(pipe.vae_scale_factor)
+    scaling = pipe.vae.config.scaling_factor
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction = noise_scheduler.config.prediction_type
+    n_train = noise_scheduler.config.num_train_timesteps
+    tokenizer, text_encoder, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
+    phrase = f"{token} {' '.join(text.split())}"
+    templates = recipe.MODEL_PROMPT_TEMPLATES.get(model.identity, recipe.PROMPT_TEMPLATES)
+    template_ids = tokenizer(
+        [t.format(phrase) for t in templates],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+    use_mask = getattr(text_encoder.config, "use_attention_mask", False)
+
+    gen = torch.Generator("cpu").manual_seed(settings.seed)
+    param = init.detach().clone().float().to(device).requires_grad_(True)  # fp32 master weight
+    optimizer = torch.optim.AdamW([param], lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    scaler = _LossScale(dtype == torch.float16)
+    phase = f"learning appearance of '{text}'"
+
+    def draw():
+        """One batch: augmented samples, their latents, noise, timesteps, masks and prompts."""
+        samples = [augment(obj, size, gen, settings) for _ in range(settings.batch_size)]
+        pixels = torch.stack([s[0] for s in samples]).to(device=device, dtype=dtype)
+        alpha = torch.stack([s[1] for s in samples])
+        mask = F.avg_pool2d(alpha, factor).to(device)  # exact area average to latent size
+        with torch.no_grad():
+            latents = pipe.vae.encode(pixels).latent_dist.mode() * scaling
+        noise = torch.randn(latents.shape, generator=gen).to(device=device, dtype=dtype)
+        timesteps = torch.randint(0, n_train, (settings.batch_size,), generator=gen).to(device)
+        which = torch.randint(0, len(templates), (settings.batch_size,), generator=gen)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        if prediction == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return noisy, timesteps, target, mask, template_ids[which.to(device)]
+
+    losses: list[float] = []
+    base = text_encoder.get_input_embeddings()
+    text_encoder.set_input_embeddings(_Spliced(base, token_id, param))
+    try:
+        batch = None
+        for step in range(settings.steps):
+            check_cancel(cancel)
+            if batch is None or settings.resample:
+                batch = draw()
+            noisy, timesteps, target, mask, ids = batch
+            attention = (ids != tokenizer.pad_token_id).long() if use_mask else None
+            hidden = text_encoder(ids, attention_mask=attention)[0]
+            pred = unet(noisy, timesteps, encoder_hidden_states=hidden).sample
+            err = (pred.float() - target.float()) ** 2
+            loss = (err * mask).sum() / (mask.sum() * err.shape[1]).clamp_min(1e-8)
+            grad = scaler.grad(loss, param)
+            if grad is not None:
+                param.grad = grad
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            report(Progress(phase, step + 1, settings.steps))
+    finally:
+        text_encoder.set_input_embeddings(base)
+    return InversionResult(token=token, embedding=param.detach().float().cpu(), losses=losses)
+
+
+def train_embedding(
+    model,
+    image: np.ndarray,
+    text: str,
+    *,
+    settings: InversionSettings | None = None,
+    report: ProgressCallback | None = None,
+    cancel: CancelFlag | None = None,
+) -> InversionResult:
+    """Learn one embedding for an RGBA layer image and its text (no cache); the shared model is
+    left exactly as it was. For tests, benchmarks and tools; `appearance_tokens` is the normal way."""
+    settings = settings or recipe.DEFAULT_SETTINGS
+    settings.check()
+    pipe = model.pipeline
+    key = cache_key(model.identity, image, text, settings, resolved_resolution(pipe, settings))
+    token = placeholder_tokens([key], pipe.tokenizer.get_vocab())[key]
+    init = initial_embedding(pipe, text)
+    with added_tokens(pipe, [token], init[None]) as (ids, _embedding):
+        return _train(model, token, ids[0], image, text, init, settings, report or (lambda p: None), cancel)

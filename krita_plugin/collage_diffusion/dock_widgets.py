@@ -1,0 +1,127 @@
+"""The dock's small widgets: a labelled float `Slider` and one `LayerRow` per layer."""
+
+from __future__ import annotations
+
+from . import qt
+from .collage import NodeInfo, is_default_name
+from .settings import LayerSettings
+
+W = qt.QtWidgets
+
+KIND_MARKS = {"paintlayer": "", "vectorlayer": " (vector)", "filelayer": " (file)", "filllayer": " (fill)"}
+
+
+class Slider(W.QWidget):
+    """A small labelled slider over a float range, showing its value."""
+
+    changed = qt.pyqtSignal(float)
+
+    def __init__(self, label: str, low: float, high: float, step: float, tip: str, parent=None):
+        super().__init__(parent)
+        self.low, self.step = low, step
+        layout = W.QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(2)
+        self.label = W.QLabel(label)
+        self.slider = W.QSlider(qt.Qt.Orientation.Horizontal)
+        self.slider.setRange(0, round((high - low) / step))
+        self.slider.setMinimumWidth(24)
+        self.value_label = W.QLabel()
+        for widget in (self.label, self.slider, self.value_label):
+            widget.setToolTip(tip)
+            layout.addWidget(widget)
+        layout.setStretch(1, 1)
+        self.slider.valueChanged.connect(self._on_change)
+
+    def value(self) -> float:
+        return round(self.low + self.slider.value() * self.step, 4)
+
+    def set_value(self, value: float) -> None:
+        blocked = self.slider.blockSignals(True)
+        self.slider.setValue(round((value - self.low) / self.step))
+        self.slider.blockSignals(blocked)
+        self.value_label.setText(f"{self.value():g}")
+
+    def _on_change(self, _position: int) -> None:
+        self.value_label.setText(f"{self.value():g}")
+        self.changed.emit(self.value())
+
+
+class LayerRow(W.QFrame):
+    """One layer: take part or not, its text, strength, attention and control weights, appearance."""
+
+    changed = qt.pyqtSignal()
+
+    def __init__(self, info: NodeInfo, parent=None):
+        super().__init__(parent)
+        self.info = info
+        self.setFrameShape(W.QFrame.Shape.StyledPanel)
+        layout = W.QVBoxLayout(self)
+        layout.setContentsMargins(4 + 12 * info.depth, 2, 4, 2)
+        layout.setSpacing(1)
+        top = W.QHBoxLayout()
+        self.enabled = W.QCheckBox(info.name + KIND_MARKS.get(info.kind, f" ({info.kind})"))
+        self.enabled.setToolTip(
+            "Take part in the collage" + (f" (in {' / '.join(info.path)})" if info.path else "")
+        )
+        self.appearance = W.QCheckBox("appearance")
+        self.appearance.setToolTip("Learn this layer's look (textual inversion) so the result keeps it")
+        top.addWidget(self.enabled, 1)
+        top.addWidget(self.appearance)
+        layout.addLayout(top)
+        self.text = W.QLineEdit()
+        if info.name.strip().lower() == "background":
+            self.text.setPlaceholderText("the background; or describe it to make it an object")
+        elif is_default_name(info.name):
+            self.text.setPlaceholderText(f"describe it ('{info.name}' says nothing): left out until then")
+        else:
+            self.text.setPlaceholderText(info.name)
+        self.text.setToolTip("What this layer shows, as words of the prompt (empty: the layer's name)")
+        layout.addWidget(self.text)
+        self.strength = Slider(
+            "str", 0.0, 1.0, 0.01, "Strength: how much this layer's region may change (0: kept)"
+        )
+        self.attention = Slider(
+            "attn", 0.0, 10.0, 0.05, "Attention weight: how strongly the layer's text keeps to its region"
+        )
+        self.control = Slider(
+            "ctrl", 0.0, 2.0, 0.01, "Control weight: how closely the layer's shapes are kept"
+        )
+        sliders = W.QHBoxLayout()
+        sliders.setSpacing(6)
+        for slider in (self.strength, self.attention, self.control):
+            sliders.addWidget(slider, 1)
+            slider.changed.connect(lambda _v: self.changed.emit())
+        layout.addLayout(sliders)
+        self.enabled.toggled.connect(self._on_enabled)
+        self.appearance.toggled.connect(lambda _v: self.changed.emit())
+        self.text.textEdited.connect(lambda _t: self.changed.emit())
+
+    def load(self, s: LayerSettings) -> None:
+        for widget in (self.enabled, self.appearance, self.text):
+            widget.blockSignals(True)
+        self.enabled.setChecked(s.enabled)
+        self.appearance.setChecked(s.appearance)
+        self.text.setText(s.text)
+        for widget in (self.enabled, self.appearance, self.text):
+            widget.blockSignals(False)
+        self.strength.set_value(s.strength)
+        self.attention.set_value(s.attention_weight)
+        self.control.set_value(s.control_weight)
+        self._show_enabled(s.enabled)
+
+    def store(self, s: LayerSettings) -> None:
+        s.enabled = self.enabled.isChecked()
+        s.appearance = self.appearance.isChecked()
+        s.text = self.text.text()
+        s.strength = self.strength.value()
+        s.attention_weight = self.attention.value()
+        s.control_weight = self.control.value()
+
+    def _on_enabled(self, on: bool) -> None:
+        self._show_enabled(on)
+        self.changed.emit()
+
+    def _show_enabled(self, on: bool) -> None:
+        for widget in (self.text, self.strength, self.attention, self.control, self.appearance):
+            widget.setEnabled(on)

@@ -1,0 +1,182 @@
+"""Responses and events (bridge -> client): job status, progress events, the long poll's answer,
+info and errors. Readers keep the fields they know (a newer bridge may send more). Standard
+library only (see `wire`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .wire_fields import _encode, _known
+from .wire_png import b64decode
+from .wire_protocol import FINISHED_STATES
+
+
+@dataclass
+class ProgressInfo:
+    """Where a running job is: `step` of `total` in `phase`, for the batch of variants that
+    follows the `variants_done` already finished, of `variants` asked for."""
+
+    phase: str
+    step: int
+    total: int
+    variants_done: int = 0
+    variants: int = 1
+
+
+@dataclass
+class ResultInfo:
+    """One finished variant. Fetch its PNG from `url` (a path on the bridge)."""
+
+    index: int
+    seed: int
+    width: int
+    height: int
+    url: str
+    bytes: int = 0
+
+
+@dataclass
+class JobStatus:
+    """A job as the bridge keeps it (also its record on disk). Times are Unix seconds."""
+
+    id: str
+    state: str
+    created: float
+    model: str
+    prompt: str = ""
+    width: int = 0
+    height: int = 0
+    layers: int = 0
+    variants: int = 1
+    steps: int = 0
+    started: float | None = None
+    finished: float | None = None
+    queue_position: int | None = None  # jobs ahead of this one (the running one included)
+    progress: ProgressInfo | None = None
+    error: str | None = None  # why it failed or was cancelled
+    problems: list[str] = field(default_factory=list)  # per-field problems behind `error`, if any
+    warnings: list[str] = field(default_factory=list)
+    results: list[ResultInfo] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: "queued", "compute", "save", ...
+    last_seq: int = 0  # sequence number of the job's latest event
+
+    @property
+    def finished_state(self) -> bool:
+        return self.state in FINISHED_STATES
+
+    def to_dict(self) -> dict:
+        return _encode(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict) -> JobStatus:
+        data = dict(data)
+        progress = data.get("progress")
+        data["progress"] = _known(ProgressInfo, progress) if isinstance(progress, dict) else None
+        data["results"] = [_known(ResultInfo, r) for r in data.get("results") or []]
+        return _known(cls, data)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> JobStatus:
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class ProgressEvent:
+    """One event of a job, numbered from 1 by `seq` in the order they happened.
+
+    kind "state": the job entered `state` (`message` says why for failed/cancelled).
+    kind "progress": `step` of `total` in `phase`, for the variants after the `variants_done`
+    finished ones (of `variants`); every second or so `preview` carries a small PNG (RGB, at most
+    256 pixels a side) of the image as it forms.
+    """
+
+    seq: int
+    job_id: str
+    kind: str
+    state: str
+    time: float
+    phase: str = ""
+    step: int = 0
+    total: int = 0
+    variants_done: int = 0
+    variants: int = 1
+    message: str = ""
+    preview: bytes | None = None
+
+    def to_dict(self) -> dict:
+        return _encode(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ProgressEvent:
+        data = dict(data)
+        if data.get("preview") is not None:
+            data["preview"] = b64decode(data["preview"])
+        return _known(cls, data)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ProgressEvent:
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class EventsResponse:
+    """Answer of the long poll: events after the asked-for sequence number, and the job's state.
+
+    `done` is true once the job has finished: then no more events come (fetch the results).
+    """
+
+    job_id: str
+    state: str
+    done: bool
+    last_seq: int
+    events: list[ProgressEvent] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return _encode(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EventsResponse:
+        data = dict(data)
+        data["events"] = [ProgressEvent.from_dict(e) for e in data.get("events", [])]
+        return _known(cls, data)
+
+
+@dataclass
+class InfoResponse:
+    api_version: int
+    version: str  # the bridge's version
+    model: str  # the default model
+    models: list[str]  # every model a request may name
+    model_loaded: bool  # whether the default model is in memory (else the first job loads it)
+    device: str  # where the model runs ("cuda:0", "cpu", ...), or will once loaded
+    dtype: str
+    queue_length: int  # jobs waiting, not counting the running one
+    running: str | None  # the running job's id
+    versions: dict[str, str]  # python, torch, diffusers, aiohttp, ...
+    limits: dict
+
+    def to_dict(self) -> dict:
+        return _encode(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> InfoResponse:
+        return _known(cls, data)
+
+
+@dataclass
+class ErrorResponse:
+    """Every 4xx/5xx answer: a sentence, and the per-field problems when there are several."""
+
+    status: int
+    error: str
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return _encode(self)
