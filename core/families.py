@@ -96,6 +96,14 @@ class ModelFamily:
         `size` is the generation size (height, width) in pixels."""
         raise NotImplementedError
 
+    def encode_ids(
+        self, pipe, ids: list[torch.Tensor], size: tuple[int, int]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """The U-Net's context (and added conditioning) for token ids already tokenized by each
+        of `text_encoders`' tokenizers (one (B, 77) tensor each); differentiable, no guidance:
+        what textual inversion trains through."""
+        raise NotImplementedError
+
     def vae_needs_upcast(self, vae, dtype: torch.dtype) -> bool:
         """Whether the VAE must run in float32 (SDXL's overflows in float16)."""
         return False
@@ -126,6 +134,14 @@ class StableDiffusionFamily(ModelFamily):
         cond, uncond = pipe.encode_prompt(prompt, device, 1, guidance, negative_prompt=negative_prompt)
         return PromptConditioning(cond, uncond if guidance else None)
 
+    def encode_ids(self, pipe, ids, size):
+        (token_ids,) = ids
+        encoder = pipe.text_encoder
+        mask = None
+        if getattr(encoder.config, "use_attention_mask", False):
+            mask = (token_ids != pipe.tokenizer.pad_token_id).long()
+        return encoder(token_ids, attention_mask=mask)[0], None
+
     def load_kwargs(self):
         # The engine never runs SD's NSFW checker: skipping it saves ~1.2 GB and a download.
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
@@ -144,16 +160,31 @@ class StableDiffusionXLFamily(ModelFamily):
             do_classifier_free_guidance=guidance,
             negative_prompt=negative_prompt,
         )
-        # (original size, crop top-left, target size): the whole image at the size it is made.
-        height, width = size
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=cond.dtype)
+        time_ids = _time_ids(size, 1, device, cond.dtype)
         added = {"text_embeds": pooled, "time_ids": time_ids}
         if not guidance:
             return PromptConditioning(cond, None, added)
         return PromptConditioning(cond, uncond, added, {"text_embeds": pooled_uncond, "time_ids": time_ids})
 
+    def encode_ids(self, pipe, ids, size):
+        ids_l, ids_g = ids
+        hidden_l = pipe.text_encoder(ids_l, output_hidden_states=True).hidden_states[-2]
+        out_g = pipe.text_encoder_2(ids_g, output_hidden_states=True)
+        context = torch.cat([hidden_l, out_g.hidden_states[-2]], dim=-1)
+        pooled = out_g[0]
+        return context, {
+            "text_embeds": pooled,
+            "time_ids": _time_ids(size, len(ids_g), pooled.device, pooled.dtype),
+        }
+
     def vae_needs_upcast(self, vae, dtype):
         return dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+
+
+def _time_ids(size: tuple[int, int], n: int, device, dtype) -> torch.Tensor:
+    """SDXL's (original size, crop top-left, target size): the whole image at the size it is made."""
+    height, width = size
+    return torch.tensor([[height, width, 0, 0, height, width]] * n, device=device, dtype=dtype)
 
 
 _CLIP_L = TextEncoderSlot("text_encoder", "tokenizer", "emb_params")

@@ -16,8 +16,8 @@ from ..compositing import CompositeResult
 from ..progress import CancelFlag, ProgressCallback
 from . import recipe
 from .cache import InversionCache
-from .recipe import InversionSettings, cache_key, placeholder_tokens, resolved_resolution
-from .splice import added_tokens
+from .recipe import InversionSettings, cache_key, embedding_parts, placeholder_tokens, resolved_resolution
+from .splice import added_tokens, set_rows, slot_dims
 from .training import _train, initial_embedding
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,10 @@ def appearance_tokens(
     settings.check()
     cache = cache if cache is not None else InversionCache()
     report = report or (lambda p: None)
-    pipe = model.pipeline
+    pipe, family = model.pipeline, model.family
     size = resolved_resolution(pipe, settings)
-    dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    dims = slot_dims(pipe, family)
+    parts = embedding_parts(family, dims)
 
     keys: list[str | None] = [None] * len(layers)
     for i, layer in enumerate(layers):
@@ -60,7 +61,7 @@ def appearance_tokens(
         if not layer.image[..., 3].any():
             log.warning("layer '%s' is fully transparent: no appearance to learn", layer.text)
             continue
-        keys[i] = cache_key(model.identity, layer.image, layer.text, settings, size)
+        keys[i] = cache_key(model.identity, layer.image, layer.text, settings, size, family.id)
     distinct = list(dict.fromkeys(k for k in keys if k is not None))
     if not distinct:
         yield [None] * len(layers)
@@ -70,14 +71,15 @@ def appearance_tokens(
 
     known: dict[str, torch.Tensor] = {}
     for k in distinct:
-        hit = cache.get(k, dim)
+        hit = cache.get(k, sum(dims), parts)
         if hit is not None:
             known[k] = hit.embedding
     inits = {
-        k: known.get(k) if k in known else initial_embedding(pipe, first_layer[k].text) for k in distinct
+        k: known.get(k) if k in known else initial_embedding(pipe, first_layer[k].text, family)
+        for k in distinct
     }
     rows = torch.stack([inits[k] for k in distinct])
-    with added_tokens(pipe, [tokens[k] for k in distinct], rows) as (ids, embedding):
+    with added_tokens(pipe, [tokens[k] for k in distinct], rows, family) as (ids, embeddings):
         id_of = dict(zip(distinct, ids, strict=True))
         for k in distinct:
             if k in known:
@@ -89,6 +91,7 @@ def appearance_tokens(
             metadata = {
                 "text": layer.text,
                 "model": model.identity,
+                "family": family.id,
                 "settings": json.dumps(dataclasses.asdict(settings) | {"resolution": size}),
                 "final_loss": f"{result.losses[-1]:.6g}" if result.losses else "",
             }
@@ -96,6 +99,5 @@ def appearance_tokens(
                 cache.put(k, result, metadata)
             except OSError as e:  # a full or read-only disk must not fail the generation
                 log.warning("appearance cache: could not store the embedding of '%s': %s", layer.text, e)
-            with torch.no_grad():
-                embedding.weight[id_of[k]] = result.embedding.to(embedding.weight)
+            set_rows(embeddings, id_of[k], result.embedding)
         yield [tokens[k] if k is not None else None for k in keys]

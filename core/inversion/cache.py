@@ -44,13 +44,16 @@ class InversionCache:
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.safetensors"
 
-    def get(self, key: str, dim: int | None = None) -> InversionResult | None:
-        """The cached embedding, or None (missing, or damaged: then it is deleted with a warning)."""
+    def get(
+        self, key: str, dim: int | None = None, parts: tuple[tuple[str, int], ...] = ()
+    ) -> InversionResult | None:
+        """The cached embedding, or None (missing, or damaged: then it is deleted with a warning).
+        `dim` is the expected width; `parts` the expected multi-encoder layout (SDXL)."""
         path = self.path(key)
         if not path.is_file():
             return None
         try:
-            result = read_embedding(path, dim)
+            result = read_embedding(path, dim, parts)
         except CorruptEmbedding as e:
             log.warning("appearance cache: %s is damaged (%s); deleting it and training again", path, e)
             with contextlib.suppress(OSError):
@@ -72,7 +75,13 @@ class InversionCache:
             "checksum": _checksum(vector),
             "recipe": str(RECIPE_VERSION),
         }
-        data = save({result.token: vector}, metadata=meta)
+        if result.parts:  # one tensor per text encoder, as SDXL embeddings are shared (clip_l, clip_g)
+            widths = [d for _k, d in result.parts]
+            pieces = torch.split(vector, widths, dim=-1)
+            tensors = {k: t.contiguous() for (k, _d), t in zip(result.parts, pieces, strict=True)}
+        else:
+            tensors = {result.token: vector}
+        data = save(tensors, metadata=meta)
         path = self.path(key)
         tmp = self.folder / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
@@ -122,18 +131,32 @@ def _checksum(vector: torch.Tensor) -> str:
     return hashlib.sha256(vector.float().contiguous().numpy().tobytes()).hexdigest()
 
 
-def read_embedding(path: str | os.PathLike[str], dim: int | None = None) -> InversionResult:
-    """Read and verify one embedding file; raises `CorruptEmbedding` if anything is off."""
+def read_embedding(
+    path: str | os.PathLike[str], dim: int | None = None, parts: tuple[tuple[str, int], ...] = ()
+) -> InversionResult:
+    """Read and verify one embedding file; raises `CorruptEmbedding` if anything is off.
+    With `parts` (SDXL: clip_l, clip_g) the file must hold one tensor per text encoder."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
             meta = f.metadata() or {}
-            if len(keys) != 1:
+            if parts:
+                missing = [k for k, _d in parts if k not in keys]
+                if missing or len(keys) != len(parts):
+                    raise CorruptEmbedding(f"expected tensors {[k for k, _ in parts]}, found {keys}")
+                pieces = [f.get_tensor(k).float().reshape(1, -1) for k, _d in parts]
+                for (k, d), piece in zip(parts, pieces, strict=True):
+                    if piece.shape[1] != d:
+                        raise CorruptEmbedding(f"{k} has width {piece.shape[1]}, its text encoder's is {d}")
+                tensor = torch.cat(pieces, dim=1)
+                token = meta.get("token", "")
+            elif len(keys) != 1:
                 raise CorruptEmbedding(f"expected one tensor, found {len(keys)}")
-            token = keys[0]
-            tensor = f.get_tensor(token).clone()  # not a view of the (memory-mapped) file
+            else:
+                token = keys[0]
+                tensor = f.get_tensor(token).clone()  # not a view of the (memory-mapped) file
     except CorruptEmbedding:
         raise
     except Exception as e:  # safetensors raises its own error types for damaged files
@@ -151,4 +174,4 @@ def read_embedding(path: str | os.PathLike[str], dim: int | None = None) -> Inve
         raise CorruptEmbedding("token in metadata does not match the tensor's name")
     if "checksum" in meta and meta["checksum"] != _checksum(vector.reshape(1, -1)):
         raise CorruptEmbedding("checksum mismatch")
-    return InversionResult(token=token, embedding=vector.contiguous(), losses=[])
+    return InversionResult(token=token, embedding=vector.contiguous(), losses=[], parts=tuple(parts))

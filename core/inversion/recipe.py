@@ -102,8 +102,18 @@ class InversionResult:
     """One trained embedding: the token it was trained under, its vector and the loss per step."""
 
     token: str
-    embedding: torch.Tensor  # (D,) float32 on the CPU
+    embedding: torch.Tensor  # (D,) float32 on the CPU: each text encoder's part side by side
     losses: list[float] = field(default_factory=list)
+    # (file key, width) of each text encoder's part when the model has several (SDXL: clip_l,
+    # clip_g); empty for one encoder, whose file holds a single tensor named by the token.
+    parts: tuple[tuple[str, int], ...] = ()
+
+
+def embedding_parts(family, dims: list[int]) -> tuple[tuple[str, int], ...]:
+    """The file layout of an embedding for a family whose encoders have these widths."""
+    if len(dims) == 1:
+        return ()
+    return tuple((slot.embedding_key, d) for slot, d in zip(family.text_encoders, dims, strict=True))
 
 
 def resolved_resolution(pipe, settings: InversionSettings) -> int:
@@ -124,15 +134,22 @@ def canonical_image(image: np.ndarray) -> np.ndarray:
 
 
 def cache_key(
-    identity: str, image: np.ndarray, text: str, settings: InversionSettings, resolution: int
+    identity: str,
+    image: np.ndarray,
+    text: str,
+    settings: InversionSettings,
+    resolution: int,
+    family: str = "sd1",
 ) -> str:
-    """sha256 of everything that determines the embedding: model, pixels, text, hyper-parameters."""
+    """sha256 of everything that determines the embedding: model (and its family), pixels, text,
+    hyper-parameters."""
     canon = canonical_image(image)
     params = dataclasses.asdict(settings)
     params["resolution"] = resolution
     h = hashlib.sha256()
     for part in (
         f"collage-inversion/{RECIPE_VERSION}",
+        family,
         identity,
         json.dumps(params, sort_keys=True),
         " ".join(text.split()),

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from ..families import SD1, ModelFamily
+
 
 def _extend_tokenizer(tokenizer, tokens: list[str]) -> Callable[[], None]:
     """Add `tokens` to the tokenizer; returns a function that restores it exactly.
@@ -46,43 +48,82 @@ def _extend_tokenizer(tokenizer, tokens: list[str]) -> Callable[[], None]:
     return restore
 
 
-@contextlib.contextmanager
-def added_tokens(pipe, tokens: list[str], rows: torch.Tensor) -> Iterator[tuple[list[int], nn.Embedding]]:
-    """Tokens in the tokenizer and their rows (k, D) in the text encoder for one block.
+def slot_dims(pipe, family: ModelFamily) -> list[int]:
+    """The input-embedding width of each of the family's text encoders (768 and 1280 for SDXL)."""
+    return [
+        getattr(pipe, slot.encoder).get_input_embeddings().weight.shape[1] for slot in family.text_encoders
+    ]
 
-    The text encoder gets a new input-embedding module (the old matrix plus the rows); on exit the
-    original module and tokenizer backend are put back, so sizes and objects are as before.
-    Yields the tokens' ids and the new embedding module.
+
+def split_rows(rows: torch.Tensor, dims: list[int]) -> list[torch.Tensor]:
+    """Rows (k, sum(dims)) → each encoder's part (k, dim): an embedding is one vector per token,
+    its encoders' parts side by side."""
+    return list(torch.split(rows, dims, dim=-1))
+
+
+@contextlib.contextmanager
+def added_tokens(
+    pipe, tokens: list[str], rows: torch.Tensor, family: ModelFamily = SD1
+) -> Iterator[tuple[list[int], list[nn.Embedding]]]:
+    """Tokens in each of the family's tokenizers and their rows in its text encoders for one block.
+
+    `rows` is (k, D) with D the encoders' widths added up (one part per encoder). Each text encoder
+    gets a new input-embedding module (the old matrix plus the rows); on exit the original modules
+    and tokenizer backends are put back, so sizes and objects are as before. Yields the tokens' ids
+    (the same in every tokenizer: they share CLIP's vocabulary) and the new embedding modules.
     """
-    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
-    original = text_encoder.get_input_embeddings()
-    restore_tokenizer = _extend_tokenizer(tokenizer, tokens)
+    dims = slot_dims(pipe, family)
+    restores: list[Callable[[], None]] = []
+    embeddings: list[nn.Embedding] = []
+    ids: list[int] = []
     try:
-        ids = [tokenizer.convert_tokens_to_ids(t) for t in tokens]
-        for t in tokens:
-            if tokenizer.tokenize(t) != [t]:
-                raise RuntimeError(f"placeholder {t} does not tokenize as one token")
-        weight = original.weight.detach()
-        need = max(max(ids) + 1, weight.shape[0])
-        extra = weight.new_zeros((need - weight.shape[0], weight.shape[1]))
-        new_weight = torch.cat([weight, extra])  # a copy: the original matrix is never written
-        new_weight[ids] = rows.to(device=new_weight.device, dtype=new_weight.dtype)
-        embedding = nn.Embedding.from_pretrained(new_weight, freeze=True, padding_idx=original.padding_idx)
-        text_encoder.set_input_embeddings(embedding)
-        yield ids, embedding
+        for slot, part in zip(family.text_encoders, split_rows(rows, dims), strict=True):
+            tokenizer, text_encoder = getattr(pipe, slot.tokenizer), getattr(pipe, slot.encoder)
+            original = text_encoder.get_input_embeddings()
+            restore_tokenizer = _extend_tokenizer(tokenizer, tokens)
+            restores.append(restore_tokenizer)
+            slot_ids = [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+            for t in tokens:
+                if tokenizer.tokenize(t) != [t]:
+                    raise RuntimeError(f"placeholder {t} does not tokenize as one token")
+            if ids and slot_ids != ids:
+                raise RuntimeError(f"placeholder ids differ between tokenizers: {ids} vs {slot_ids}")
+            ids = slot_ids
+            weight = original.weight.detach()
+            need = max(max(ids) + 1, weight.shape[0])
+            extra = weight.new_zeros((need - weight.shape[0], weight.shape[1]))
+            new_weight = torch.cat([weight, extra])  # a copy: the original matrix is never written
+            new_weight[ids] = part.to(device=new_weight.device, dtype=new_weight.dtype)
+            embedding = nn.Embedding.from_pretrained(
+                new_weight, freeze=True, padding_idx=original.padding_idx
+            )
+            text_encoder.set_input_embeddings(embedding)
+            restores.append(lambda enc=text_encoder, emb=original: enc.set_input_embeddings(emb))
+            embeddings.append(embedding)
+        yield ids, embeddings
     finally:
-        text_encoder.set_input_embeddings(original)
-        restore_tokenizer()
+        for restore in reversed(restores):
+            restore()
+
+
+def set_rows(embeddings: list[nn.Embedding], token_id: int, vector: torch.Tensor) -> None:
+    """Write one token's embedding (its encoders' parts side by side) into the spliced modules."""
+    dims = [e.weight.shape[1] for e in embeddings]
+    with torch.no_grad():
+        for embedding, part in zip(embeddings, split_rows(vector, dims), strict=True):
+            embedding.weight[token_id] = part.to(embedding.weight)
 
 
 class _Spliced(nn.Module):
-    """Input embeddings where one token id reads a separate (trainable, fp32) vector."""
+    """Input embeddings where one token id reads a separate (trainable, fp32) vector: the slice
+    [start:end] of `vector`, this encoder's part of a multi-encoder embedding."""
 
-    def __init__(self, base: nn.Embedding, token_id: int, vector: torch.Tensor):
+    def __init__(self, base: nn.Embedding, token_id: int, vector: torch.Tensor, start: int = 0, end=None):
         super().__init__()
         self.base = base
         self.token_id = token_id
         self._vector = [vector]  # a list: not registered as a parameter of the text encoder
+        self._range = (start, end if end is not None else vector.shape[-1])
 
     @property
     def weight(self) -> torch.Tensor:
@@ -91,4 +132,5 @@ class _Spliced(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.base(input_ids)
         hit = (input_ids == self.token_id).unsqueeze(-1)
-        return torch.where(hit, self._vector[0].to(out.dtype), out)
+        start, end = self._range
+        return torch.where(hit, self._vector[0][start:end].to(out.dtype), out)

@@ -7,9 +7,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..families import SD1, ModelFamily
 from ..progress import CancelFlag, Progress, ProgressCallback, check_cancel
 from . import recipe
-from .recipe import InversionResult, InversionSettings, cache_key, placeholder_tokens, resolved_resolution
+from .recipe import (
+    InversionResult,
+    InversionSettings,
+    cache_key,
+    embedding_parts,
+    placeholder_tokens,
+    resolved_resolution,
+)
 from .splice import _Spliced, added_tokens
 
 
@@ -74,11 +82,16 @@ class _LossScale:
         return grad
 
 
-def initial_embedding(pipe, text: str) -> torch.Tensor:
-    """v* starts as the mean input embedding of the layer text's tokens (fp32, CPU)."""
-    ids = pipe.tokenizer(text, add_special_tokens=False).input_ids or [pipe.tokenizer.eos_token_id]
-    weight = pipe.text_encoder.get_input_embeddings().weight
-    return weight[torch.tensor(ids, device=weight.device)].detach().float().mean(0).cpu()
+def initial_embedding(pipe, text: str, family: ModelFamily = SD1) -> torch.Tensor:
+    """v* starts as the mean input embedding of the layer text's tokens (fp32, CPU), in each of
+    the family's text encoders (their parts side by side)."""
+    parts = []
+    for slot in family.text_encoders:
+        tokenizer = getattr(pipe, slot.tokenizer)
+        ids = tokenizer(text, add_special_tokens=False).input_ids or [tokenizer.eos_token_id]
+        weight = getattr(pipe, slot.encoder).get_input_embeddings().weight
+        parts.append(weight[torch.tensor(ids, device=weight.device)].detach().float().mean(0).cpu())
+    return torch.cat(parts)
 
 
 def _train(*args, **kwargs) -> InversionResult:
@@ -101,7 +114,7 @@ def _train_steps(
     """Train v* for `token` (already in the tokenizer with id `token_id`) on one layer image."""
     from diffusers import DDPMScheduler
 
-    pipe, device, dtype = model.pipeline, model.device, model.dtype
+    pipe, device, dtype, family = model.pipeline, model.device, model.dtype, model.family
     obj = _object_tensor(image)
     if obj is None:
         raise ValueError(f"layer '{text}' has no visible pixels to learn from")
@@ -111,17 +124,22 @@ def _train_steps(
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction = noise_scheduler.config.prediction_type
     n_train = noise_scheduler.config.num_train_timesteps
-    tokenizer, text_encoder, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
+    unet = pipe.unet
     phrase = f"{token} {' '.join(text.split())}"
     templates = recipe.MODEL_PROMPT_TEMPLATES.get(model.identity, recipe.PROMPT_TEMPLATES)
-    template_ids = tokenizer(
-        [t.format(phrase) for t in templates],
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
-    use_mask = getattr(text_encoder.config, "use_attention_mask", False)
+    prompts = [t.format(phrase) for t in templates]
+    template_ids = []  # per text encoder: (templates, 77)
+    for slot in family.text_encoders:
+        tokenizer = getattr(pipe, slot.tokenizer)
+        template_ids.append(
+            tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
+        )
 
     gen = torch.Generator("cpu").manual_seed(settings.seed)
     param = init.detach().clone().float().to(device).requires_grad_(True)  # fp32 master weight
@@ -145,11 +163,16 @@ def _train_steps(
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        return noisy, timesteps, target, mask, template_ids[which.to(device)]
+        return noisy, timesteps, target, mask, [ids[which.to(device)] for ids in template_ids]
 
     losses: list[float] = []
-    base = text_encoder.get_input_embeddings()
-    text_encoder.set_input_embeddings(_Spliced(base, token_id, param))
+    encoders = [getattr(pipe, slot.encoder) for slot in family.text_encoders]
+    bases = [encoder.get_input_embeddings() for encoder in encoders]
+    start = 0
+    for encoder, base in zip(encoders, bases, strict=True):  # each reads its part of v*
+        width = base.weight.shape[1]
+        encoder.set_input_embeddings(_Spliced(base, token_id, param, start, start + width))
+        start += width
     try:
         batch = None
         for step in range(settings.steps):
@@ -157,9 +180,8 @@ def _train_steps(
             if batch is None or settings.resample:
                 batch = draw()
             noisy, timesteps, target, mask, ids = batch
-            attention = (ids != tokenizer.pad_token_id).long() if use_mask else None
-            hidden = text_encoder(ids, attention_mask=attention)[0]
-            pred = unet(noisy, timesteps, encoder_hidden_states=hidden).sample
+            hidden, added = family.encode_ids(pipe, ids, (size, size))
+            pred = unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
             err = (pred.float() - target.float()) ** 2
             loss = (err * mask).sum() / (mask.sum() * err.shape[1]).clamp_min(1e-8)
             grad = scaler.grad(loss, param)
@@ -170,8 +192,10 @@ def _train_steps(
             losses.append(float(loss.detach()))
             report(Progress(phase, step + 1, settings.steps))
     finally:
-        text_encoder.set_input_embeddings(base)
-    return InversionResult(token=token, embedding=param.detach().float().cpu(), losses=losses)
+        for encoder, base in zip(encoders, bases, strict=True):
+            encoder.set_input_embeddings(base)
+    parts = embedding_parts(family, [b.weight.shape[1] for b in bases])
+    return InversionResult(token=token, embedding=param.detach().float().cpu(), losses=losses, parts=parts)
 
 
 def train_embedding(
@@ -187,9 +211,10 @@ def train_embedding(
     left exactly as it was. For tests, benchmarks and tools; `appearance_tokens` is the normal way."""
     settings = settings or recipe.DEFAULT_SETTINGS
     settings.check()
-    pipe = model.pipeline
-    key = cache_key(model.identity, image, text, settings, resolved_resolution(pipe, settings))
+    pipe, family = model.pipeline, model.family
+    size = resolved_resolution(pipe, settings)
+    key = cache_key(model.identity, image, text, settings, size, family.id)
     token = placeholder_tokens([key], pipe.tokenizer.get_vocab())[key]
-    init = initial_embedding(pipe, text)
-    with added_tokens(pipe, [token], init[None]) as (ids, _embedding):
+    init = initial_embedding(pipe, text, family)
+    with added_tokens(pipe, [token], init[None], family) as (ids, _embeddings):
         return _train(model, token, ids[0], image, text, init, settings, report or (lambda p: None), cancel)
