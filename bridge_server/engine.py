@@ -47,6 +47,7 @@ class Engine:
         self.device = device
         self.options = options or {}  # core.options.EngineOptions fields (attention, ControlNet)
         self.current = None  # core.models.LoadedModel
+        self._peeked: dict[str, tuple] = {}  # ref -> (family, native size) read from its files
         self.current_ref: str | None = None
 
     def load(self, ref: str):
@@ -91,6 +92,22 @@ class Engine:
         )
         result.warnings[:0] = warnings
         return result
+
+    def details(self, ref: str) -> wire.ModelDetails:
+        """A model's family and native size: the loaded model's own, else read from its files
+        once (no weights are read; a hub id not downloaded yet stays unknown until loaded)."""
+        model = self.current if self.current is not None and self.current_ref == ref else None
+        if model is not None:
+            family, native = model.family, model.native_size
+        else:
+            if ref not in self._peeked or self._peeked[ref][0] is None:
+                from core.models import peek_model
+
+                self._peeked[ref] = peek_model(ref)
+            family, native = self._peeked[ref]
+        if family is None:
+            return wire.ModelDetails(ref, "", "", 0)
+        return wire.ModelDetails(ref, family.id, family.label, native, family.size_multiple)
 
     def describe(self, ref: str) -> tuple[bool, str, str]:
         """(loaded, device, dtype) of a model: where it runs, or where it will once loaded."""

@@ -129,6 +129,7 @@ async def info(request: web.Request) -> web.Response:
         running=live["running"],
         versions=_versions(),
         limits=config.limits.to_dict(),
+        model_details=live["model_details"],
     )
     return json_ok(response.to_dict())
 

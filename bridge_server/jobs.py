@@ -269,6 +269,7 @@ class JobManager:
     def info(self) -> dict:
         loaded, device, dtype = self.engine.describe(self.config.model)
         return {
+            "model_details": [self.engine.details(ref) for ref in self.config.models],
             "model_loaded": loaded,
             "device": device,
             "dtype": dtype,

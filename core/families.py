@@ -15,11 +15,12 @@ that a single file loads with no network at all.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from krita_plugin.collage_diffusion import wire_sizes
 
 CONFIGS_DIR = Path(__file__).parent / "assets" / "configs"
 
@@ -116,11 +117,7 @@ class ModelFamily:
     def nearest_size(self, width: int, height: int) -> tuple[int, int]:
         """The generation size this family likes best for a canvas of this shape: about its
         native area, the same aspect ratio, each side a multiple of `size_multiple`."""
-        m = self.size_multiple
-        scale = math.sqrt(self.native_size**2 / max(1, width * height))
-        w = max(m, round(width * scale / m) * m)
-        h = max(m, round(height * scale / m) * m)
-        return w, h
+        return wire_sizes.nearest_size(self.native_size, self.size_multiple, width, height)
 
     def preview_rgb(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.tensor(self.preview_factors), torch.tensor(self.preview_bias)

@@ -94,6 +94,13 @@ class LoadedModel:
     dtype: torch.dtype
     family: ModelFamily = SD1  # what the pieces ask about the model (core/families.py)
 
+    @property
+    def native_size(self) -> int:
+        """The side of the square this model was trained at: its U-Net's sample size in pixels
+        (512 for SD 1.5, 1024 for SDXL, 64 for the demo model)."""
+        pipe = self.pipeline
+        return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
 
 @dataclass(frozen=True)
 class _Source:
@@ -459,6 +466,32 @@ def _from_folder(folder: Path, family: ModelFamily, dtype: torch.dtype) -> Diffu
     return family.pipeline_class.from_pretrained(
         folder, local_files_only=True, **{DTYPE_KWARG: dtype}, **family.load_kwargs()
     )
+
+
+def peek_model(ref: str | os.PathLike[str]) -> tuple[ModelFamily | None, int]:
+    """(family, native size in pixels) of a model from its files, without loading any weights;
+    (None, 0) when that cannot be told yet (a hub id not downloaded, a missing or broken file)."""
+    try:
+        source = _resolve_source(ref, None)
+        folder: Path | None = None
+        if source.kind == "demo":
+            folder = ensure_demo_model()
+        elif source.kind == "folder":
+            folder = Path(source.location)
+        elif source.kind == "hub":
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source.location, "model_index.json")
+            folder = Path(cached).parent if isinstance(cached, str) else None
+        if folder is None:
+            family = source.family
+            return family, (family.native_size if family else 0)
+        family = folder_family(folder)
+        unet, vae = _read_json(folder / "unet" / "config.json"), _read_json(folder / "vae" / "config.json")
+        factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+        return family, int(unet.get("sample_size", family.native_size // factor)) * factor
+    except (ModelLoadError, OSError, ValueError):
+        return None, 0
 
 
 class OneSlotCache:

@@ -14,16 +14,15 @@ import re
 import numpy as np
 from PIL import Image
 
+from krita_plugin.collage_diffusion import wire_sizes
+
 from .collage import Collage, CollageError, Layer
 from .compositing import composite
-from .families import ModelFamily
 from .generate import GeneratedImage, GenerationResult, Regenerate, generate, start_and_strength
 from .strength import feather_weights, paste_back
 
 SIZE_POLICIES = ("auto", "document")
 _WXH = re.compile(r"^\s*(\d+)\s*[x×]\s*(\d+)\s*$", re.IGNORECASE)
-# "auto" keeps a canvas whose area is this close to the family's native area (ratio either way).
-_AUTO_TOLERANCE = 1.35
 
 
 def parse_size(text: str) -> str | tuple[int, int]:
@@ -40,27 +39,26 @@ def parse_size(text: str) -> str | tuple[int, int]:
     return w, h
 
 
-def round8(value: float) -> int:
-    return max(64, int(round(value / 8.0)) * 8)
-
-
 def generation_size(
-    family: ModelFamily, canvas: tuple[int, int], policy: str | tuple[int, int] = "auto"
+    canvas: tuple[int, int], policy: str | tuple[int, int], native_size: int, size_multiple: int = 8
 ) -> tuple[int, int]:
     """The (width, height) to generate a canvas of size `canvas` at, under `policy`:
     "document" = the canvas (rounded to multiples of 8); "auto" = the canvas when its area is
-    near the family's native area, else the family's nearest liked size; or an explicit size."""
+    near the model's native area, else the nearest size the model likes (`wire_sizes.auto_size`,
+    the rule the dock uses too); or an explicit size."""
     if isinstance(policy, tuple):
         return policy
     width, height = canvas
     if policy == "document":
-        return round8(width), round8(height)
+        return wire_sizes.round8(width), wire_sizes.round8(height)
     if policy != "auto":
         raise ValueError(f"unknown size policy {policy!r} (use {', '.join(SIZE_POLICIES)} or WxH)")
-    ratio = width * height / family.native_size**2
-    if 1 / _AUTO_TOLERANCE <= ratio <= _AUTO_TOLERANCE:
-        return round8(width), round8(height)
-    return family.nearest_size(width, height)
+    return wire_sizes.auto_size(native_size, size_multiple, width, height)
+
+
+def model_generation_size(model, canvas: tuple[int, int], policy: str | tuple[int, int]) -> tuple[int, int]:
+    """`generation_size` for a loaded model (`core.models.LoadedModel`)."""
+    return generation_size(canvas, policy, model.native_size, model.family.size_multiple)
 
 
 def _resize_rgba(image: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -213,3 +213,21 @@ async def test_regenerate_changes_only_that_layer(aiohttp_client, config):
     assert changed.any()
     # Layer 0 covers x 8..32, y 8..24: far from it nothing changes.
     assert not changed[40:, 40:].any(), json.dumps(np.argwhere(changed).tolist()[:10])
+
+
+async def test_info_describes_each_model_and_a_job_runs_on_sdxl(aiohttp_client, tmp_path, demo_pipeline, tiny_sdxl_dir):
+    """/info tells the dock each model's family and native size (read from the files, nothing
+    loaded), and a request that names the SDXL model runs on it."""
+    sdxl = str(tiny_sdxl_dir)
+    config = BridgeConfig(data_dir=tmp_path / "bridge", preview_interval=0.0, allowed_models=(sdxl,))
+    client = await aiohttp_client(create_app(config))
+    info = wire.InfoResponse.from_dict(await (await client.get(wire.ROUTE_INFO)).json())
+    assert info.details("demo") == wire.ModelDetails("demo", "sd1", "Stable Diffusion 1.x", 64, 8)
+    assert info.details(sdxl) == wire.ModelDetails(sdxl, "sdxl", "Stable Diffusion XL", 256, 64)
+
+    request = T.small_request(steps=3, width=128, height=128, model=sdxl)
+    r = await T.submit(client, request)
+    assert r.status == 202, await r.text()
+    done = await T.wait_done(client, (await r.json())["id"])
+    assert done.state == wire.DONE, done.error
+    assert [(res.width, res.height) for res in done.results] == [(128, 128)]

@@ -145,7 +145,7 @@ def test_settings_read_leniently():
         1000,
         4,
         0.75,
-        "document",
+        "auto",
     )
     layer = s.layers["{a}"]
     assert (layer.enabled, layer.attention_weight, layer.text, layer.control_weight) == (
@@ -259,6 +259,51 @@ def test_generation_size(doc, policy, expected):
 
 def test_generation_size_respects_the_bridges_limits():
     assert generation_size(2048, 2048, "document", wire.Limits(max_canvas_pixels=1024 * 1024)) == (1024, 1024)
+
+
+SDXL = wire.ModelDetails("xl.safetensors", "sdxl", "Stable Diffusion XL", 1024, 64)
+SD15 = wire.ModelDetails("sd15.safetensors", "sd1", "Stable Diffusion 1.x", 512, 8)
+
+
+@pytest.mark.parametrize(
+    "doc, model, expected",
+    [
+        ((512, 512), SDXL, (1024, 1024)),  # far below SDXL's megapixel: up to it
+        ((1920, 1080), SDXL, (1344, 768)),  # 16:9 at ~1 MP, multiples of 64
+        ((1000, 1000), SDXL, (1000, 1000)),  # already about 1 MP: the document's size
+        ((4000, 3000), SD15, (592, 440)),
+        ((500, 520), SD15, (496, 520)),
+        ((4000, 3000), None, (4000, 3000)),  # model not known (yet): the document's size
+        ((4000, 3000), wire.ModelDetails("hub/x", "", "", 0), (4000, 3000)),
+    ],
+)
+def test_auto_generation_size_follows_the_model(doc, model, expected):
+    assert generation_size(*doc, "auto", model=model) == expected
+
+
+def test_auto_is_the_default_and_info_carries_model_details():
+    assert DocumentSettings().size_policy == "auto"
+    info = wire.InfoResponse.from_dict(
+        {
+            "api_version": 1,
+            "version": "x",
+            "model": "sd15.safetensors",
+            "models": ["sd15.safetensors"],
+            "model_loaded": False,
+            "device": "cpu",
+            "dtype": "float32",
+            "queue_length": 0,
+            "running": None,
+            "versions": {},
+            "limits": {},
+            "model_details": [SD15.to_dict(), SDXL.to_dict()],
+        }
+    )
+    assert info.details() == SD15 and info.details("xl.safetensors") == SDXL
+    assert info.details("other") is None
+    # An older bridge sends no details: the dock falls back to the document's size.
+    old = wire.InfoResponse.from_dict({**info.to_dict(), "model_details": None} | {"model_details": []})
+    assert old.details() is None
 
 
 def record(uid, name, box=(8, 8, 16, 16), opacity=1.0, kind="paintlayer"):

@@ -263,11 +263,22 @@ def test_generation_size_policies():
     for bad in ("big", "1000x77", "100x100x3"):
         with pytest.raises(ValueError):
             parse_size(bad)
-    assert generation_size(SDXL, (1000, 1000)) == (1000, 1000)  # near 1 MP: kept
-    assert generation_size(SDXL, (512, 512)) == (1024, 1024)
-    assert generation_size(SD1, (4000, 3000)) == (592, 440)
-    assert generation_size(SD1, (4001, 3001), "document") == (4000, 3000)
-    assert generation_size(SD1, (300, 200), (256, 128)) == (256, 128)
+    sdxl, sd1 = (SDXL.native_size, SDXL.size_multiple), (SD1.native_size, SD1.size_multiple)
+    assert generation_size((1000, 1000), "auto", *sdxl) == (1000, 1000)  # near 1 MP: kept
+    assert generation_size((512, 512), "auto", *sdxl) == (1024, 1024)
+    assert generation_size((4000, 3000), "auto", *sd1) == (592, 440)
+    assert generation_size((4001, 3001), "document", *sd1) == (4000, 3000)
+    assert generation_size((300, 200), (256, 128), *sd1) == (256, 128)
+    with pytest.raises(ValueError, match="unknown size policy"):
+        generation_size((300, 200), "huge", *sd1)
+
+
+def test_native_size_is_the_models_own(tiny_sdxl, demo_pipeline):
+    from core.sizing import model_generation_size
+
+    assert tiny_sdxl.native_size == 256 and demo_pipeline.native_size == 64
+    assert model_generation_size(demo_pipeline, (64, 64), "auto") == (64, 64)
+    assert model_generation_size(tiny_sdxl, (1920, 1080), "auto") == (320, 192)
 
 
 def test_generate_at_another_size_keeps_the_canvas_guarantees(tiny_sdxl):

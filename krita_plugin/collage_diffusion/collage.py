@@ -71,23 +71,28 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def round8(value: float) -> int:
-    """The nearest multiple of 8, at least 64."""
-    return max(64, int(round(value / 8.0)) * 8)
-
-
 def generation_size(
-    doc_width: int, doc_height: int, policy: str, limits: wire.Limits | None = None
+    doc_width: int,
+    doc_height: int,
+    policy: str,
+    limits: wire.Limits | None = None,
+    model: wire.ModelDetails | None = None,
 ) -> tuple[int, int]:
     """The size of the generated image for a document, under a size policy.
 
-    "document": the document's own size (rounded to multiples of 8, and scaled down if the bridge's
-    pixel or side limits would refuse it); "512"/"768"/"1024": the longest side is that many
-    pixels, aspect kept. The engine needs multiples of 8 and at least 64 a side.
+    "auto": the model's own liking (`wire.auto_size`: the document's size when it is near the
+    model's native area, else the nearest size the model likes, e.g. ~1 MP in multiples of 64 for
+    SDXL), or the document's size while the model is unknown; "document": the document's own size
+    (rounded to multiples of 8); "512"/"768"/"1024": the longest side is that many pixels, aspect
+    kept. Always scaled down if the bridge's pixel or side limits would refuse it. The engine
+    needs multiples of 8 and at least 64 a side.
     """
     lim = limits or wire.Limits()
     w, h = max(1, doc_width), max(1, doc_height)
-    if policy == "document":
+    if policy == "auto" and model is not None and model.native_size > 0:
+        w, h = wire.auto_size(model.native_size, model.size_multiple or 8, w, h)
+        scale = 1.0
+    elif policy in ("document", "auto"):
         scale = 1.0
     else:
         try:
@@ -95,7 +100,7 @@ def generation_size(
         except ValueError:
             scale = 1.0
     scale = min(scale, lim.max_side / max(w, h), math.sqrt(lim.max_canvas_pixels / (w * h)))
-    gw, gh = round8(w * scale), round8(h * scale)
+    gw, gh = wire.round8(w * scale), wire.round8(h * scale)
     while gw * gh > lim.max_canvas_pixels or max(gw, gh) > lim.max_side:  # rounding up overshot
         gw, gh = (gw - 8, gh) if gw >= gh else (gw, gh - 8)
     return gw, gh

@@ -173,7 +173,7 @@ class OptionsSection(W.QWidget):
         s.steps = self.steps.value()
         s.variants = self.variants.value()
         s.strength = round(self.strength.value(), 4)
-        s.size_policy = self.size_policy.currentData() or "document"
+        s.size_policy = self.size_policy.currentData() or "auto"
 
 
 class ActionsSection(W.QWidget):

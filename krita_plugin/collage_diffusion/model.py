@@ -161,7 +161,8 @@ class CollageModel(qt.QObject):
             return self._refuse("Open a document first.")
         settings = document.load_settings(doc)
         limits = wire.Limits.from_dict(self.info.limits) if self.info is not None else None
-        size = collage.generation_size(doc.width(), doc.height(), settings.size_policy, limits)
+        details = self.info.details() if self.info is not None else None
+        size = collage.generation_size(doc.width(), doc.height(), settings.size_policy, limits, details)
         try:
             records, stats = document.read_layers(doc, size, settings.results_group)
         except Exception as error:  # a Krita API surprise must not take the dock down

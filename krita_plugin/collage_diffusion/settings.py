@@ -22,6 +22,7 @@ VERSION = 1
 
 #: Size policies: how big the generated image is, given the document's size.
 SIZE_POLICIES = {
+    "auto": "Model's size (auto)",
     "document": "Document size",
     "512": "Fit 512 px",
     "768": "Fit 768 px",
@@ -57,7 +58,7 @@ class DocumentSettings:
     negative_prompt: str = ""
     seed: int = 0
     steps: int = 30
-    size_policy: str = "document"
+    size_policy: str = "auto"  # the model's liked size: docs/plugin.md
     variants: int = 4
     strength: float = 0.75  # the job's strength: what no layer covers (the background)
     guidance_scale: float = 7.5
@@ -92,7 +93,7 @@ class DocumentSettings:
             return cls()
         settings = cls(**_read(cls, data, skip=("layers",)))
         if settings.size_policy not in SIZE_POLICIES:
-            settings.size_policy = "document"
+            settings.size_policy = "auto"
         layers = data.get("layers")
         if isinstance(layers, dict):
             for uid, entry in layers.items():

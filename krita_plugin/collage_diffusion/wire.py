@@ -9,10 +9,10 @@ Everything travels as JSON; images are PNG files, base64-encoded inside the JSON
 cropped to their visible content before sending (`crop_to_content`), so a big canvas with small
 objects stays cheap. Result images are fetched as plain PNG (``GET /jobs/{id}/results/{k}``).
 
-Defined in five modules, all re-exported here (import `wire`, not them): `wire_protocol` (version,
+Defined in six modules, all re-exported here (import `wire`, not them): `wire_protocol` (version,
 routes, states, limits, the layer-naming rule), `wire_request` (the request and its checks),
-`wire_responses` (status, events, info, errors), `wire_png` (PNG and base64 helpers) and
-`wire_fields` (reading and checking fields).
+`wire_responses` (status, events, info, errors), `wire_png` (PNG and base64 helpers),
+`wire_sizes` (generation sizes) and `wire_fields` (reading and checking fields).
 
 The request classes are built leniently by `from_json` (which only rejects what cannot be read
 at all: bad JSON, wrong structure, bad base64, unknown fields) and checked by `validate`, which
@@ -78,10 +78,12 @@ from .wire_responses import (
     EventsResponse,
     InfoResponse,
     JobStatus,
+    ModelDetails,
     ProgressEvent,
     ProgressInfo,
     ResultInfo,
 )
+from .wire_sizes import auto_size, nearest_size, round8
 
 __all__ = [
     "API_VERSION",
@@ -106,6 +108,7 @@ __all__ = [
     "JobStatus",
     "LayerSpec",
     "Limits",
+    "ModelDetails",
     "PHASES",
     "PHASE_LOADING",
     "PNG_SIGNATURE",
@@ -127,6 +130,7 @@ __all__ = [
     "STATES",
     "WS_CANCEL",
     "WireError",
+    "auto_size",
     "b64decode",
     "b64encode",
     "content_box",
@@ -134,6 +138,8 @@ __all__ = [
     "encode_png",
     "is_default_name",
     "layer_from_rgba",
+    "nearest_size",
     "png_size",
+    "round8",
     "route",
 ]

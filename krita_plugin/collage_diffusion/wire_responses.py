@@ -149,6 +149,26 @@ class EventsResponse:
 
 
 @dataclass
+class ModelDetails:
+    """What the dock needs to know of a model a request may name (from its files, not loaded)."""
+
+    name: str  # as in InfoResponse.models
+    family: (
+        str  # "sd1", "sd2", "sdxl"; "" when it cannot be told before loading (a hub id not yet downloaded)
+    )
+    family_label: str  # for people: "Stable Diffusion XL"
+    native_size: int  # the side of the square it was trained at (pixels); 0 when unknown
+    size_multiple: int = 8  # generation sizes are multiples of this
+
+    def to_dict(self) -> dict:
+        return _encode(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelDetails:
+        return _known(cls, data)
+
+
+@dataclass
 class InfoResponse:
     api_version: int
     version: str  # the bridge's version
@@ -161,13 +181,21 @@ class InfoResponse:
     running: str | None  # the running job's id
     versions: dict[str, str]  # python, torch, diffusers, aiohttp, ...
     limits: dict
+    model_details: list[ModelDetails] = field(default_factory=list)  # one per entry of `models`
 
     def to_dict(self) -> dict:
         return _encode(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> InfoResponse:
+        data = dict(data)
+        data["model_details"] = [ModelDetails.from_dict(d) for d in data.get("model_details", [])]
         return _known(cls, data)
+
+    def details(self, name: str | None = None) -> ModelDetails | None:
+        """The details of a model (the default one when `name` is None), if the bridge sent them."""
+        name = name or self.model
+        return next((d for d in self.model_details if d.name == name), None)
 
 
 @dataclass
