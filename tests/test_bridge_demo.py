@@ -215,7 +215,9 @@ async def test_regenerate_changes_only_that_layer(aiohttp_client, config):
     assert not changed[40:, 40:].any(), json.dumps(np.argwhere(changed).tolist()[:10])
 
 
-async def test_info_describes_each_model_and_a_job_runs_on_sdxl(aiohttp_client, tmp_path, demo_pipeline, tiny_sdxl_dir):
+async def test_info_describes_each_model_and_a_job_runs_on_sdxl(
+    aiohttp_client, tmp_path, demo_pipeline, tiny_sdxl_dir
+):
     """/info tells the dock each model's family and native size (read from the files, nothing
     loaded), and a request that names the SDXL model runs on it."""
     sdxl = str(tiny_sdxl_dir)

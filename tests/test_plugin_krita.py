@@ -41,6 +41,7 @@ CHECKS = [
     "settings_survive_save_and_reopen",
     "ora_settings_come_with_the_file",
     "generate_writes_new_layers",
+    "auto_size_follows_the_model",
     "regenerate_changes_only_that_layer",
     "regenerate_after_reopen_uses_the_result_layer",
     "cancel_stops_and_writes_nothing",

@@ -194,13 +194,18 @@ def make_model():
     return model
 
 
-def set_prompt(doc, prompt: str, steps: int = 4, seed: int = 5, **layer_texts) -> None:
+def set_prompt(
+    doc, prompt: str, steps: int = 4, seed: int = 5, size_policy: str = "document", **layer_texts
+) -> None:
+    """The document's prompt and settings; "document" size, so results can be compared pixel for
+    pixel with the layers (the auto policy has its own check)."""
     from collage_diffusion import document
 
     settings = document.load_settings(doc)
     settings.prompt = prompt
     settings.steps = steps
     settings.seed = seed
+    settings.size_policy = size_policy
     settings.strength = 1.0
     listed = document.list_layers(doc, settings.results_group)
     resolved = settings.resolve([(n.uid, n.name) for n in listed])
@@ -481,6 +486,29 @@ def generate_writes_new_layers(report):
         path = scratch() / "generated.kra"
         if not doc.saveAs(str(path)):
             raise AssertionError("saving after generate failed")
+    finally:
+        doc.close()
+
+
+@check(needs_bridge=True)
+def auto_size_follows_the_model(report):
+    """ "Model's size (auto)": the 128×128 document is generated at the demo model's 64×64 (the
+    bridge's /info says its native size) and the result layer is scaled back to the document."""
+    doc = build_document()
+    try:
+        set_prompt(doc, "a red sign, a cat and a ball", size_policy="auto", cat="cat", ball="red ball")
+        model = make_model()
+        details = model.info.details()
+        assert_eq((details.family, details.native_size), ("sd1", 64), "demo model details from /info")
+        if not model.generate(doc, "generate"):
+            raise AssertionError(f"generate did not start: {model.last_error}")
+        model.wait_idle(120)
+        assert_eq(model.last_error, "", "generate error")
+        w, h, _data = decode_bgra(model.results_for(doc).entries[0].png)
+        assert_eq((w, h), (64, 64), "generated at the model's size")
+        bounds = result_layers(doc)[0].bounds()
+        assert_eq((bounds.width(), bounds.height()), (doc.width(), doc.height()), "result layer size")
+        report["detail"] = f"document {doc.width()}×{doc.height()}, generated {w}×{h}"
     finally:
         doc.close()
 
