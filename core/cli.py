@@ -1,9 +1,11 @@
 """`collage`: generate from a layered document on the command line.
 
-    collage generate INPUT -o OUT.png [--model demo] [--steps 30] [--seed 0] [--variants 1]
-    collage inspect INPUT
+    collage generate INPUT -o OUT.png [--model demo] [--steps 30] [--seed 0] [--variants 1] [-v]
+    collage inspect INPUT [-v]
 
 INPUT is an OpenRaster .ora (Krita saves these), a .psd, or a folder with collage.toml/json.
+Only our own messages reach the terminal; --verbose (or COLLAGE_DEBUG=1) adds the libraries' notices
+and the debug log (core/verbosity.py).
 """
 
 from __future__ import annotations
@@ -14,15 +16,23 @@ import sys
 from pathlib import Path
 
 from .collage import SCHEDULERS, CollageError
+from .verbosity import DEBUG_ENV, debug_requested, set_verbose
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="collage", description="Collage Diffusion: layers in, one image out."
     )
+    common = argparse.ArgumentParser(add_help=False)  # options every command takes, after its name
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help=f"also show the libraries' notices and our debug log (or set {DEBUG_ENV}=1)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", help="generate an image from a layered document")
+    gen = commands.add_parser("generate", parents=[common], help="generate an image from a layered document")
     gen.add_argument("input", type=Path, help=".ora, .psd, or a folder with collage.toml / collage.json")
     gen.add_argument(
         "-o", "--output", type=Path, required=True, help="result .png (or .ora: input layers + result)"
@@ -66,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     pieces.add_argument("--canny-low", type=int, default=100)
     pieces.add_argument("--canny-high", type=int, default=200)
 
-    ins = commands.add_parser("inspect", help="show how a document is read as a collage")
+    ins = commands.add_parser("inspect", parents=[common], help="show how a document is read as a collage")
     ins.add_argument("input", type=Path)
     return parser
 
@@ -178,7 +188,11 @@ def _generate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.verbose:
+        set_verbose()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if debug_requested():
+        logging.getLogger("core").setLevel(logging.DEBUG)  # ours only: PIL's debug log is noise
     try:
         return _inspect(args) if args.command == "inspect" else _generate(args)
     except (CollageError, ValueError, FileNotFoundError) as error:

@@ -85,3 +85,12 @@ def test_inspect_lists_layers(capsys):
     assert main(["inspect", str(EXAMPLES / "room.ora")]) == 0
     text = capsys.readouterr().out
     assert "'a red armchair'" in text and "256×256" in text
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_verbose_is_an_option_of_each_command(monkeypatch, capsys, verbose):
+    calls = []  # set_verbose itself: tests/test_verbosity.py
+    monkeypatch.setattr("core.cli.set_verbose", lambda: calls.append(1))
+    assert main(["inspect", str(EXAMPLES / "shapes.ora"), *(["-v"] if verbose else [])]) == 0
+    assert calls == ([1] if verbose else [])
+    assert "'red heart'" in capsys.readouterr().out
