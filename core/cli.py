@@ -114,9 +114,38 @@ def _inspect(args) -> int:
     return 0
 
 
-def _generate(args) -> int:
-    from tqdm import tqdm
+class _PhaseBars:
+    """One progress bar per phase (learning an appearance, sampling a batch of variants), opened
+    at the phase's first report: only then is its total known (the steps the strength plan runs,
+    fewer than the collage's steps below strength 1) and closed when the next phase starts."""
 
+    def __init__(self) -> None:
+        self._bar = None
+        self._phase: tuple[str, int] | None = None  # (description, total) of the open bar
+
+    def on_progress(self, p) -> None:
+        if p.phase == "sampling":
+            done, asked = p.variants
+            description = f"sampling from variant {done + 1}/{asked}" if asked > 1 else "sampling"
+        elif p.phase.startswith("learning appearance"):
+            description = p.phase
+        else:
+            return
+        if self._bar is None or (description, p.total) != self._phase or p.step < self._bar.n:
+            from tqdm import tqdm
+
+            self.close()
+            self._bar = tqdm(total=p.total, unit="step", desc=description)
+            self._phase = (description, p.total)
+        self._bar.update(p.step - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _generate(args) -> int:
     from .formats import load_collage, save_ora, save_png
     from .generate import generate
     from .models import load_pipeline
@@ -149,27 +178,11 @@ def _generate(args) -> int:
     hooks, warnings = build_hooks(model, collage, options)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    bar = tqdm(total=collage.steps, unit="step", desc="sampling")
-    shown = ["sampling"]  # the phase the bar counts now
-
-    def on_progress(p) -> None:
-        if p.phase == "sampling":
-            done, asked = p.variants
-            description = f"sampling from variant {done + 1}/{asked}" if asked > 1 else "sampling"
-        elif p.phase.startswith("learning appearance"):
-            description = p.phase
-        else:
-            return
-        if description != shown[0] or p.total != bar.total or p.step < bar.n:
-            bar.reset(total=p.total)  # a new phase: count from 0 (update() keeps tqdm's rate limit)
-            bar.set_description(description, refresh=False)
-            shown[0] = description
-        bar.update(p.step - bar.n)
-
+    bars = _PhaseBars()
     try:
-        result = generate(model, collage, variants=args.variants, progress=on_progress, hooks=hooks)
+        result = generate(model, collage, variants=args.variants, progress=bars.on_progress, hooks=hooks)
     finally:
-        bar.close()
+        bars.close()
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
 
