@@ -15,25 +15,28 @@ processor with each max-score mode) at the shapes of the model's attention layer
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python benchmarks/NAME.py`: set up as `python -m benchmarks.NAME` is
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import benchmarks  # noqa: F401  (benchmarks/__init__.py)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import argparse
 
-from benchmarks.bench_generate import (  # noqa: E402
+import numpy as np
+import torch
+
+from benchmarks.bench_generate import (
     add_run_arguments,
     bench_collage,
     interleaved,
     stock_img2img,
 )
-from core.attention import MaskedCrossAttention, masked_attention_hook  # noqa: E402
-from core.compositing import unet_feature_sizes  # noqa: E402
-from core.generate import StepContext, generate  # noqa: E402
-from core.models import load_pipeline  # noqa: E402
+from core.attention import MaskedCrossAttention, masked_attention_hook
+from core.compositing import unet_feature_sizes
+from core.generate import StepContext, generate
+from core.models import load_pipeline
 
 
 def micro(model, size: int, repeats: int = 50) -> None:

@@ -15,24 +15,27 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if not __package__:  # run as `python benchmarks/NAME.py`: set up as `python -m benchmarks.NAME` is
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import benchmarks  # noqa: F401  (benchmarks/__init__.py)
+
 import argparse
 import asyncio
 import os
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
+
+import aiohttp
+
+from krita_plugin.collage_diffusion import wire
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import aiohttp  # noqa: E402
-
-from krita_plugin.collage_diffusion import wire  # noqa: E402
-
 CANVAS = 2048
 
 

@@ -12,11 +12,18 @@ the U-Net's encoder half plus mid block, run on both guidance halves.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if not __package__:  # run as `python benchmarks/NAME.py`: set up as `python -m benchmarks.NAME` is
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import benchmarks  # noqa: F401  (benchmarks/__init__.py)
+
 import argparse
 
 import torch
-from bench_generate import add_run_arguments, bench_collage, timed_pair  # same folder: run as a script
 
+from benchmarks.bench_generate import add_run_arguments, bench_collage, timed_pair
 from core.control import control_image, controlnet_hook, load_controlnet, wrap_controlnet
 from core.generate import generate
 from core.models import load_pipeline

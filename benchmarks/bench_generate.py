@@ -8,6 +8,13 @@ ratio (ours / stock, median of the repeats after one warm-up each) is what count
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if not __package__:  # run as `python benchmarks/NAME.py`: set up as `python -m benchmarks.NAME` is
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import benchmarks  # noqa: F401  (benchmarks/__init__.py)
+
 import argparse
 import statistics
 import time

@@ -25,12 +25,18 @@ the piece that targets it switched on:
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if not __package__:  # run as `python benchmarks/NAME.py`: set up as `python -m benchmarks.NAME` is
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import benchmarks  # noqa: F401  (benchmarks/__init__.py)
+
 import argparse
 import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import cv2
 import numpy as np

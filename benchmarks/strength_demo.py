@@ -8,9 +8,15 @@ absolute pixel change (0..255) inside each layer's visible mask and in the backg
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if not __package__:  # run as `python benchmarks/NAME.py`: set up as `python -m benchmarks.NAME` is
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import benchmarks  # noqa: F401  (benchmarks/__init__.py)
+
 import argparse
 import copy
-from pathlib import Path
 
 import numpy as np
 from PIL import Image

@@ -1,10 +1,11 @@
 """`collage-bridge` / `python -m bridge_server`: run the bridge.
 
     collage-bridge [--host 127.0.0.1] [--port 7870] [--model demo] [--allow-model REF ...]
-                   [--data-dir DIR] [--token TOKEN] [--preload]
+                   [--data-dir DIR] [--token TOKEN] [--preload] [--verbose]
 
 Binding to anything but this machine (e.g. --host 0.0.0.0) needs a token; the token may also come
-from the COLLAGE_BRIDGE_TOKEN environment variable (kept out of the process list).
+from the COLLAGE_BRIDGE_TOKEN environment variable (kept out of the process list). Only our own
+messages are shown; --verbose (or COLLAGE_DEBUG=1) adds the libraries' notices (core/verbosity.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from core.verbosity import DEBUG_ENV, debug_requested, set_verbose
 from krita_plugin.collage_diffusion import wire
 
 from .config import BridgeConfig, default_data_dir
@@ -69,7 +71,17 @@ def parser() -> argparse.ArgumentParser:
         metavar="ORIGIN",
         help="a browser origin allowed to call",
     )
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="of the log (default: INFO; DEBUG for our own modules with --verbose)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help=f"also show the libraries' notices and our debug log (or set {DEBUG_ENV}=1)",
+    )
     return p
 
 
@@ -105,7 +117,14 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        set_verbose()
+    logging.basicConfig(
+        level=args.log_level or "INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.log_level is None and debug_requested():
+        for ours in ("bridge_server", "core"):  # not the root: PIL's and asyncio's debug logs are noise
+            logging.getLogger(ours).setLevel(logging.DEBUG)
     config = config_from_args(args)
     problems = config.problems()
     if problems:

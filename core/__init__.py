@@ -1,7 +1,6 @@
 """Collage Diffusion engine: layered collages in, harmonized images out (torch + diffusers)."""
 
-import os
+from .verbosity import quiet_libraries
 
-# transformers warns on import about optional image backends this project never uses; those
-# notices would land in every painter's terminal. An explicit user setting still wins.
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Before transformers or diffusers is imported anywhere: some of their notices come on import.
+quiet_libraries()

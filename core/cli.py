@@ -1,9 +1,11 @@
 """`collage`: generate from a layered document on the command line.
 
-    collage generate INPUT -o OUT.png [--model demo] [--steps 30] [--seed 0] [--variants 1]
-    collage inspect INPUT
+    collage generate INPUT -o OUT.png [--model demo] [--steps 30] [--seed 0] [--variants 1] [-v]
+    collage inspect INPUT [-v]
 
 INPUT is an OpenRaster .ora (Krita saves these), a .psd, or a folder with collage.toml/json.
+Only our own messages reach the terminal; --verbose (or COLLAGE_DEBUG=1) adds the libraries' notices
+and the debug log (core/verbosity.py).
 """
 
 from __future__ import annotations
@@ -14,15 +16,23 @@ import sys
 from pathlib import Path
 
 from .collage import SCHEDULERS, CollageError
+from .verbosity import DEBUG_ENV, debug_requested, set_verbose
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="collage", description="Collage Diffusion: layers in, one image out."
     )
+    common = argparse.ArgumentParser(add_help=False)  # options every command takes, after its name
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help=f"also show the libraries' notices and our debug log (or set {DEBUG_ENV}=1)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", help="generate an image from a layered document")
+    gen = commands.add_parser("generate", parents=[common], help="generate an image from a layered document")
     gen.add_argument("input", type=Path, help=".ora, .psd, or a folder with collage.toml / collage.json")
     gen.add_argument(
         "-o", "--output", type=Path, required=True, help="result .png (or .ora: input layers + result)"
@@ -66,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     pieces.add_argument("--canny-low", type=int, default=100)
     pieces.add_argument("--canny-high", type=int, default=200)
 
-    ins = commands.add_parser("inspect", help="show how a document is read as a collage")
+    ins = commands.add_parser("inspect", parents=[common], help="show how a document is read as a collage")
     ins.add_argument("input", type=Path)
     return parser
 
@@ -104,9 +114,38 @@ def _inspect(args) -> int:
     return 0
 
 
-def _generate(args) -> int:
-    from tqdm import tqdm
+class _PhaseBars:
+    """One progress bar per phase (learning an appearance, sampling a batch of variants), opened
+    at the phase's first report: only then is its total known (the steps the strength plan runs,
+    fewer than the collage's steps below strength 1) and closed when the next phase starts."""
 
+    def __init__(self) -> None:
+        self._bar = None
+        self._phase: tuple[str, int] | None = None  # (description, total) of the open bar
+
+    def on_progress(self, p) -> None:
+        if p.phase == "sampling":
+            done, asked = p.variants
+            description = f"sampling from variant {done + 1}/{asked}" if asked > 1 else "sampling"
+        elif p.phase.startswith("learning appearance"):
+            description = p.phase
+        else:
+            return
+        if self._bar is None or (description, p.total) != self._phase or p.step < self._bar.n:
+            from tqdm import tqdm
+
+            self.close()
+            self._bar = tqdm(total=p.total, unit="step", desc=description)
+            self._phase = (description, p.total)
+        self._bar.update(p.step - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _generate(args) -> int:
     from .formats import load_collage, save_ora, save_png
     from .generate import generate
     from .models import load_pipeline
@@ -139,27 +178,11 @@ def _generate(args) -> int:
     hooks, warnings = build_hooks(model, collage, options)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    bar = tqdm(total=collage.steps, unit="step", desc="sampling")
-    shown = ["sampling"]  # the phase the bar counts now
-
-    def on_progress(p) -> None:
-        if p.phase == "sampling":
-            done, asked = p.variants
-            description = f"sampling from variant {done + 1}/{asked}" if asked > 1 else "sampling"
-        elif p.phase.startswith("learning appearance"):
-            description = p.phase
-        else:
-            return
-        if description != shown[0] or p.total != bar.total or p.step < bar.n:
-            bar.reset(total=p.total)  # a new phase: count from 0 (update() keeps tqdm's rate limit)
-            bar.set_description(description, refresh=False)
-            shown[0] = description
-        bar.update(p.step - bar.n)
-
+    bars = _PhaseBars()
     try:
-        result = generate(model, collage, variants=args.variants, progress=on_progress, hooks=hooks)
+        result = generate(model, collage, variants=args.variants, progress=bars.on_progress, hooks=hooks)
     finally:
-        bar.close()
+        bars.close()
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
 
@@ -178,7 +201,11 @@ def _generate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.verbose:
+        set_verbose()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if debug_requested():
+        logging.getLogger("core").setLevel(logging.DEBUG)  # ours only: PIL's debug log is noise
     try:
         return _inspect(args) if args.command == "inspect" else _generate(args)
     except (CollageError, ValueError, FileNotFoundError) as error:

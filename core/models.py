@@ -29,6 +29,7 @@ from .families import (
     sd_family_of_text_encoder,
 )
 from .random_models import ensure_config_folder
+from .verbosity import debug_requested
 
 DEVICE_ENV = "COLLAGE_DEVICE"
 DTYPE_ENV = "COLLAGE_DTYPE"
@@ -372,13 +373,15 @@ def hub_help() -> str:
 
 
 def quiet_loading() -> None:
-    """Loading bars and notices from diffusers/transformers would drown our own progress output."""
+    """Loading bars and notices from diffusers/transformers would drown our own progress output
+    (the notices come through with COLLAGE_DEBUG=1: core/verbosity.py)."""
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
     for logs in (diffusers_logging, transformers_logging):
         logs.disable_progress_bar()
-        logs.set_verbosity_error()
+        if not debug_requested():
+            logs.set_verbosity_error()
 
 
 def _load(source: _Source, dtype: torch.dtype) -> tuple[DiffusionPipeline, str]:

@@ -1,6 +1,10 @@
 """`collage generate` on each input format, end to end on the demo model."""
 
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +13,7 @@ from PIL import Image
 
 from core.cli import main
 from core.formats import load_collage
+from core.verbosity import DEBUG_ENV
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -85,3 +90,41 @@ def test_inspect_lists_layers(capsys):
     assert main(["inspect", str(EXAMPLES / "room.ora")]) == 0
     text = capsys.readouterr().out
     assert "'a red armchair'" in text and "256×256" in text
+
+
+def test_terminal_shows_our_messages_and_one_bar_per_phase(demo_model_dir, tmp_path):
+    """What `install.py --demo` shows, in a child process as a user runs it (issue 13): no
+    library notices, and one sampling bar counting the steps that run: 10 steps at the
+    document's highest strength, 0.8, run 8 (a bar made before the strength plan said 10)."""
+    drop = (DEBUG_ENV, "TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")
+    env = {k: v for k, v in os.environ.items() if k not in drop}  # COLLAGE_CACHE: the demo model
+    out = tmp_path / "shapes.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "core.cli", "generate", EXAMPLES / "shapes.ora", "-o", out, "--steps", "10"],
+        cwd=EXAMPLES.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.exists()
+    assert "[transformers]" not in done.stderr and "[diffusers]" not in done.stderr, done.stderr
+    # tqdm redraws its line after "\r"; a bar starts by drawing "0/total".
+    draws = re.findall(r"sampling: +\d+%\|[^|]*\| *(\d+)/(\d+)", done.stderr)
+    assert draws, done.stderr
+    assert {total for _, total in draws} == {"8"}, draws
+    assert [n for n, _ in draws].count("0") == 1, draws
+    assert draws[-1] == ("8", "8") and done.stderr.endswith("\n")
+    # Nothing else: the model line and the bar.
+    lines = [line for line in re.split(r"[\r\n]+", done.stderr) if line.strip()]
+    assert all(line.startswith(("loading model", "sampling:")) for line in lines), lines
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_verbose_is_an_option_of_each_command(monkeypatch, capsys, verbose):
+    calls = []  # set_verbose itself: tests/test_verbosity.py
+    monkeypatch.setattr("core.cli.set_verbose", lambda: calls.append(1))
+    assert main(["inspect", str(EXAMPLES / "shapes.ora"), *(["-v"] if verbose else [])]) == 0
+    assert calls == ([1] if verbose else [])
+    assert "'red heart'" in capsys.readouterr().out

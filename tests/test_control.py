@@ -67,9 +67,14 @@ def collage(weights=(1.0, 0.0, 0.0), **overrides) -> Collage:
 def tiny_controlnet(unet, seed=0, **config_changes):
     from diffusers import ControlNetModel
 
-    net = ControlNetModel.from_unet(unet)
-    if config_changes:
-        net = ControlNetModel.from_config({**net.config, **config_changes})
+    # The layers diffusers initialises itself draw on torch's global generator, which torch seeds
+    # randomly at start-up: unseeded, every run tested a different network (the flaky residuals
+    # test, issue 13). Seeded on a forked generator, so the caller's global state is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ControlNetModel.from_unet(unet)
+        if config_changes:
+            net = ControlNetModel.from_config({**net.config, **config_changes})
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         zero_init = [
@@ -242,7 +247,15 @@ def test_residuals_are_zero_outside_weighted_layers(model, controlnet):
         )
         for got, ref in zip([*down, mid], [*ref_down, ref_mid], strict=True):
             w = torch.from_numpy(np.array(area_resize(weights, *ref.shape[-2:])))
-            torch.testing.assert_close(got, ref * w, rtol=1e-5, atol=1e-6)
+            expected = ref * w
+            # The hook broadcasts one control image over both halves; diffusers repeats it, so its
+            # convolutions run at batch 2 and sum in another order. The results then differ by
+            # rounding, which scales with the tensor's largest value and (as a random walk) with
+            # the square root of the sums' length (the 1x1 output convolution's channels), not
+            # with each element: a fixed 1e-6 failed now and then on an element near zero.
+            # Measured over 25 ControlNets: at most 0.9 of eps * max|value| * sqrt(channels).
+            atol = 4 * torch.finfo(ref.dtype).eps * float(expected.abs().max()) * ref.shape[1] ** 0.5
+            torch.testing.assert_close(got, expected, rtol=0, atol=atol)
 
 
 def test_residuals_scale_linearly_with_the_weight(model, controlnet):
