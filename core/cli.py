@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", choices=SCHEDULERS)
     gen.add_argument("--variants", type=int, default=1, help="number of images, seeds seed, seed+1, ...")
     gen.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    gen.add_argument(
+        "--size",
+        type=_size_arg,
+        default="auto",
+        help="auto (default): near the model's own size (SD 1.5 ~512², SDXL ~1 MP), aspect kept, "
+        "scaled back to the canvas; document: the canvas size; or WIDTHxHEIGHT",
+    )
     pieces = gen.add_argument_group("Collage Diffusion pieces")
     pieces.add_argument(
         "--attention-schedule",
@@ -79,6 +86,15 @@ def _parser() -> argparse.ArgumentParser:
     ins = commands.add_parser("inspect", parents=[common], help="show how a document is read as a collage")
     ins.add_argument("input", type=Path)
     return parser
+
+
+def _size_arg(text: str):
+    from .sizing import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _apply_overrides(collage, args) -> None:
@@ -147,9 +163,9 @@ class _PhaseBars:
 
 def _generate(args) -> int:
     from .formats import load_collage, save_ora, save_png
-    from .generate import generate
     from .models import load_pipeline
     from .options import EngineOptions, build_hooks
+    from .sizing import generate_at_size, generation_size, model_generation_size, scaled_collage
 
     doc = load_collage(args.input)
     for warning in doc.warnings:
@@ -161,7 +177,13 @@ def _generate(args) -> int:
     suffix = args.output.suffix.lower()
     if suffix not in (".png", ".ora"):
         raise CollageError([f"--output: must end in .png or .ora, got {args.output.name!r}"])
-    collage.validate()  # before loading a model: a bad document should fail in a second
+    # Before loading a model: a bad document should fail in a second. A canvas that is not a
+    # multiple of 8 is fine: it is generated at a size that is, and scaled back.
+    validation_size = generation_size((collage.width, collage.height), "document", 8)
+    if validation_size != (collage.width, collage.height):
+        scaled_collage(collage, *validation_size).validate()
+    else:
+        collage.validate()
 
     print(f"loading model {args.model!r}…", file=sys.stderr)
     model = load_pipeline(args.model, device=args.device, config=args.model_config)
@@ -180,7 +202,16 @@ def _generate(args) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     bars = _PhaseBars()
     try:
-        result = generate(model, collage, variants=args.variants, progress=bars.on_progress, hooks=hooks)
+        size = model_generation_size(model, (collage.width, collage.height), args.size)
+        if size != (collage.width, collage.height):
+            print(
+                f"generating at {size[0]}×{size[1]} ({model.family.label}), scaled back to "
+                f"{collage.width}×{collage.height} (--size document to generate at the canvas size)",
+                file=sys.stderr,
+            )
+        result = generate_at_size(
+            model, collage, size, variants=args.variants, progress=bars.on_progress, hooks=hooks
+        )
     finally:
         bars.close()
     for warning in result.warnings:

@@ -128,3 +128,51 @@ def test_verbose_is_an_option_of_each_command(monkeypatch, capsys, verbose):
     assert main(["inspect", str(EXAMPLES / "shapes.ora"), *(["-v"] if verbose else [])]) == 0
     assert calls == ([1] if verbose else [])
     assert "'red heart'" in capsys.readouterr().out
+
+
+def test_size_auto_generates_at_the_models_size_and_scales_back(demo_model_dir, inputs, tmp_path, capsys):
+    """room.ora is bigger than the demo model's 64² native size: auto generates near 64² and the
+    PNG still has the canvas size; --size document generates at the canvas size itself."""
+    doc = load_collage(inputs["ora"]).collage
+    auto, document = tmp_path / "auto.png", tmp_path / "document.png"
+    assert main(["generate", str(inputs["ora"]), "-o", str(auto), "--steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "scaled back" in err
+    assert (
+        main(["generate", str(inputs["ora"]), "-o", str(document), "--steps", "2", "--size", "document"]) == 0
+    )
+    assert "scaled back" not in capsys.readouterr().err
+    for path in (auto, document):
+        assert np.asarray(Image.open(path)).shape == (doc.height, doc.width, 3)
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
+        main(["generate", str(inputs["ora"]), "-o", str(document), "--size", "huge"])
+    assert exit_info.value.code == 2
+    assert "size must be auto, document or WIDTHxHEIGHT" in capsys.readouterr().err
+
+
+def test_generate_on_an_sdxl_single_file(demo_model_dir, tiny_sdxl, tiny_sdxl_dir, inputs, tmp_path, capsys):
+    """`collage generate --model <SDXL .safetensors>` (its diffusers config given, as the tiny model
+    has no standard shapes), written by the project's LDM exporter."""
+    from core.ldm_export import save_as_ldm_checkpoint
+
+    checkpoint = save_as_ldm_checkpoint(tiny_sdxl.pipeline, tmp_path / "tiny-xl.safetensors")
+    out = tmp_path / "xl.png"
+    code = main(
+        [
+            "generate",
+            str(inputs["psd"]),
+            "-o",
+            str(out),
+            "--steps",
+            "2",
+            "--model",
+            str(checkpoint),
+            "--model-config",
+            str(tiny_sdxl_dir),
+            "--size",
+            "128x128",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert np.asarray(Image.open(out)).shape == (64, 64, 3)
+    assert "Stable Diffusion XL" in capsys.readouterr().err
