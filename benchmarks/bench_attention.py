@@ -31,12 +31,12 @@ from benchmarks.bench_generate import (
     add_run_arguments,
     bench_collage,
     interleaved,
+    load_bench_model,
     stock_img2img,
 )
 from core.attention import MaskedCrossAttention, masked_attention_hook
 from core.compositing import unet_feature_sizes
 from core.generate import StepContext, generate
-from core.models import load_pipeline
 
 
 def micro(model, size: int, repeats: int = 50) -> None:
@@ -94,7 +94,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = load_pipeline(args.model)
+    model = load_bench_model(args.model)
     collage = bench_collage(args.size, args.steps, args.strength, n_layers=4)
     prompt = generate(model, collage).prompt  # the prompt as ours encodes it (layer texts appended)
     run_stock = stock_img2img(model, collage, prompt)

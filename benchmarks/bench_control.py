@@ -23,10 +23,9 @@ import argparse
 
 import torch
 
-from benchmarks.bench_generate import add_run_arguments, bench_collage, timed_pair
+from benchmarks.bench_generate import add_run_arguments, bench_collage, load_bench_model, timed_pair
 from core.control import control_image, controlnet_hook, load_controlnet, wrap_controlnet
 from core.generate import generate
-from core.models import load_pipeline
 
 
 def main() -> None:
@@ -38,7 +37,7 @@ def main() -> None:
     parser.add_argument("--controlnet-config", default=None)
     args = parser.parse_args()
 
-    model = load_pipeline(args.model)
+    model = load_bench_model(args.model)
     if args.controlnet:
         controlnet = load_controlnet(args.controlnet, model=model, config=args.controlnet_config)
     else:

@@ -22,7 +22,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline
 from PIL import Image
 
 from core.collage import Collage, Layer
@@ -77,8 +76,11 @@ def timed_pair(first, second, repeats: int) -> tuple[float, float]:
 
 
 def stock_img2img(model, collage: Collage, prompt: str) -> Callable[[], object]:
-    """Stock diffusers img2img on the same components, start image, strength, steps and guidance."""
-    stock = StableDiffusionImg2ImgPipeline(**model.pipeline.components)
+    """Stock diffusers img2img of the model's family (SD or SDXL) on the same components, start
+    image, strength, steps and guidance."""
+    import diffusers
+
+    stock = getattr(diffusers, model.family.img2img_class_name)(**model.pipeline.components)
     stock.set_progress_bar_config(disable=True)
     init = Image.fromarray(composite(collage).image)
 
@@ -95,9 +97,24 @@ def stock_img2img(model, collage: Collage, prompt: str) -> Callable[[], object]:
     return run
 
 
+def load_bench_model(ref: str):
+    """`core.models.load_pipeline`, plus "random:FAMILY:SCALE" (e.g. random:sdxl:tiny,
+    random:sd1:real): a random-weight model of that family's shape, built offline once."""
+    if ref.startswith("random:"):
+        from core.random_models import ensure_random_model
+
+        _, family, scale = ref.split(":")
+        ref = str(ensure_random_model(family, scale))
+    return load_pipeline(ref)
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, repeats: int = 5) -> None:
     """The arguments every generation benchmark takes: model, size, steps, strength, repeats."""
-    parser.add_argument("--model", default="demo")
+    parser.add_argument(
+        "--model",
+        default="demo",
+        help="demo, a model file/folder/hub id, or random:FAMILY:SCALE (random:sdxl:tiny)",
+    )
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--strength", type=float, default=0.75)
@@ -109,15 +126,18 @@ def main() -> None:
     add_run_arguments(parser)
     args = parser.parse_args()
 
-    model = load_pipeline(args.model)
+    model = load_bench_model(args.model)
     collage = bench_collage(args.size, args.steps, args.strength)
     prompt = generate(model, collage).prompt  # the prompt as ours encodes it
     run_stock = stock_img2img(model, collage, prompt)
 
     ours, theirs = timed_pair(lambda: generate(model, collage), run_stock, args.repeats)
-    print(f"model {args.model} on {model.device}, {args.size}², {args.steps} steps, strength {args.strength}")
+    print(
+        f"model {args.model} ({model.family.label}) on {model.device}, {args.size}², {args.steps} steps,"
+        f" strength {args.strength}"
+    )
     print(f"collage generate : {ours * 1000:8.1f} ms")
-    print(f"diffusers img2img: {theirs * 1000:8.1f} ms")
+    print(f"diffusers {model.family.img2img_class_name}: {theirs * 1000:8.1f} ms")
     print(f"ratio (ours / stock): {ours / theirs:.3f}")
 
 

@@ -26,10 +26,10 @@ import time
 
 import numpy as np
 
+from benchmarks.bench_generate import load_bench_model
 from core.collage import Collage, Layer
 from core.generate import generate
 from core.inversion import InversionSettings, train_embedding
-from core.models import load_pipeline
 
 
 def layer_image(size: int) -> np.ndarray:
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each, alternated")
     args = parser.parse_args()
 
-    model = load_pipeline(args.model)
+    model = load_bench_model(args.model)
     default_steps = InversionSettings().steps
     print(
         f"model {args.model} on {model.device} ({model.dtype}); median step of {args.steps},"

@@ -68,6 +68,7 @@ class ModelFamily:
     id: str  # stable short name used on the wire and in caches: "sd1", "sd2", "sdxl"
     label: str  # for people: "Stable Diffusion XL"
     pipeline_class_name: str  # the diffusers pipeline that loads it
+    img2img_class_name: str  # stock diffusers img2img of the family (benchmarks compare with it)
     config_name: str  # folder under core/assets/configs with its configuration
     text_encoders: tuple[TextEncoderSlot, ...]
     native_size: int  # side of the square the family was trained at (pixels)
@@ -192,6 +193,7 @@ SD1 = StableDiffusionFamily(
     id="sd1",
     label="Stable Diffusion 1.x",
     pipeline_class_name="StableDiffusionPipeline",
+    img2img_class_name="StableDiffusionImg2ImgPipeline",
     config_name="sd15",
     text_encoders=(_CLIP_L,),
     native_size=512,
@@ -203,6 +205,7 @@ SD2 = StableDiffusionFamily(
     id="sd2",
     label="Stable Diffusion 2.x",
     pipeline_class_name="StableDiffusionPipeline",
+    img2img_class_name="StableDiffusionImg2ImgPipeline",
     config_name="sd21-v",
     text_encoders=(_CLIP_L,),
     native_size=768,
@@ -214,6 +217,7 @@ SDXL = StableDiffusionXLFamily(
     id="sdxl",
     label="Stable Diffusion XL",
     pipeline_class_name="StableDiffusionXLPipeline",
+    img2img_class_name="StableDiffusionXLImg2ImgPipeline",
     config_name="sdxl",
     text_encoders=(
         TextEncoderSlot("text_encoder", "tokenizer", "clip_l"),
