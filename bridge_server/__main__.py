@@ -58,7 +58,10 @@ def parser() -> argparse.ArgumentParser:
         "--controlnet",
         help="a Canny ControlNet for the model: hub id, folder or file (the demo model brings its own)",
     )
-    p.add_argument("--controlnet-config", help="for a single-file ControlNet: its config folder or hub id")
+    p.add_argument(
+        "--controlnet-config",
+        help="for a single-file ControlNet: its config folder or hub id (full-size SD 1.x/2.x/SDXL ones need none)",
+    )
     p.add_argument("--max-layers", type=int, default=limits.max_layers)
     p.add_argument("--max-pixels", type=int, default=limits.max_canvas_pixels, help="canvas width × height")
     p.add_argument("--max-request-mb", type=int, default=limits.max_request_bytes // MIB)

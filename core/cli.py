@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
         help="a Canny ControlNet for the model: hub id, folder or file (the demo model brings its own)",
     )
     pieces.add_argument(
-        "--controlnet-config", help="for a single-file ControlNet: its config folder or hub id"
+        "--controlnet-config",
+        help="for a single-file ControlNet: its config folder or hub id (full-size SD 1.x/2.x/SDXL ones need none)",
     )
     pieces.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale")
     pieces.add_argument(

@@ -76,7 +76,12 @@ class ModelFamily:
     # Latent → RGB for previews without the VAE: 4×3 factors and a bias (approximate).
     preview_factors: tuple[tuple[float, float, float], ...]
     preview_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    context_dim: int = 768  # width of the text features the U-Net attends to (cross_attention_dim)
+    # The U-Net's extra embedding of added conditioning (diffusers' `addition_embed_type`).
+    addition_embed_type: str | None = None
     canny_controlnet: str | None = None  # a hub id to suggest when a ControlNet does not fit
+    # Folder under core/assets/configs with the family's ControlNet config.json (single files).
+    controlnet_config_name: str | None = None
     # Sizes (width, height) the family was trained on besides the native square.
     buckets: tuple[tuple[int, int], ...] = ()
 
@@ -89,6 +94,11 @@ class ModelFamily:
     @property
     def config_dir(self) -> Path:
         return CONFIGS_DIR / self.config_name
+
+    @property
+    def controlnet_config_dir(self) -> Path | None:
+        """The shipped diffusers config of this family's full-size ControlNets, if any."""
+        return CONFIGS_DIR / self.controlnet_config_name if self.controlnet_config_name else None
 
     # --- prompts -------------------------------------------------------------------------
     def encode_prompt(
@@ -199,7 +209,9 @@ SD1 = StableDiffusionFamily(
     native_size=512,
     size_multiple=8,
     preview_factors=_SD_PREVIEW,
+    context_dim=768,
     canny_controlnet="lllyasviel/control_v11p_sd15_canny",
+    controlnet_config_name="sd15-controlnet",
 )
 SD2 = StableDiffusionFamily(
     id="sd2",
@@ -211,7 +223,9 @@ SD2 = StableDiffusionFamily(
     native_size=768,
     size_multiple=8,
     preview_factors=_SD_PREVIEW,
+    context_dim=1024,
     canny_controlnet="thibaud/controlnet-sd21-canny-diffusers",
+    controlnet_config_name="sd21-controlnet",
 )
 SDXL = StableDiffusionXLFamily(
     id="sdxl",
@@ -232,7 +246,10 @@ SDXL = StableDiffusionXLFamily(
         (-0.3165, -0.2492, -0.2188),
     ),
     preview_bias=(0.1084, -0.0175, -0.0011),
+    context_dim=2048,
+    addition_embed_type="text_time",
     canny_controlnet="diffusers/controlnet-canny-sdxl-1.0",
+    controlnet_config_name="sdxl-controlnet",
     buckets=(
         (1152, 896),
         (896, 1152),
@@ -269,6 +286,19 @@ def family_of_pipeline(pipe) -> ModelFamily:
     if getattr(pipe, "text_encoder_2", None) is not None:
         raise UnsupportedModelError(f"a {type(pipe).__name__} model with two text encoders is not supported")
     return sd_family_of_text_encoder(pipe.text_encoder.config.to_dict())
+
+
+def families_of_unet_config(config) -> list[ModelFamily]:
+    """The families a U-Net or ControlNet configuration can belong to (a ControlNet's config
+    repeats its U-Net's): SDXL's have the `text_time` added embedding; SD 1.x's and 2.x's are told
+    apart by their text-feature width (768, 1024). A width no family has (small test models)
+    leaves every family with the same added embedding; an unknown added embedding, none."""
+    addition = config.get("addition_embed_type")
+    same_kind = [f for f in FAMILIES.values() if f.addition_embed_type == addition]
+    if addition is not None:  # the added embedding alone says the family (SDXL at any width)
+        return same_kind
+    by_width = [f for f in same_kind if f.context_dim == config.get("cross_attention_dim")]
+    return by_width or same_kind
 
 
 def sd_family_of_text_encoder(config: dict) -> ModelFamily:

@@ -1,4 +1,5 @@
-"""Export a diffusers SD 1.x, 2.x or SDXL pipeline as a single checkpoint with the original key names.
+"""Export a diffusers SD 1.x, 2.x or SDXL pipeline (or ControlNet) as a single checkpoint with the
+original key names.
 
 This is the reverse of diffusers' `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`,
 `convert_ldm_clip_checkpoint` and `convert_open_clip_checkpoint` (as in diffusers'
@@ -27,6 +28,7 @@ CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x
 SD2_OPEN_CLIP_PREFIX = "cond_stage_model.model."
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+CONTROLNET_PREFIX = "control_model."  # lllyasviel's and Stability's ControlNet files
 
 # (diffusers, LDM) renames inside a U-Net ResBlock.
 _UNET_RESNET_RENAMES = (
@@ -59,8 +61,9 @@ _VAE_ATTN_RENAMES = {
 }
 
 
-def _unet_prefix_map(unet: UNet2DConditionModel) -> dict[str, str]:
-    """diffusers module prefix -> LDM prefix, for every block of this U-Net's layout."""
+def _unet_prefix_map(unet) -> dict[str, str]:
+    """diffusers module prefix -> LDM prefix, for every block of this U-Net's layout (or of a
+    ControlNet's: the U-Net's encoder half and mid block, without up blocks)."""
     cfg = unet.config
     if cfg.class_embed_type is not None or cfg.addition_embed_type not in (None, "text_time"):
         raise ValueError(
@@ -90,7 +93,7 @@ def _unet_prefix_map(unet: UNet2DConditionModel) -> dict[str, str]:
     prefixes["mid_block.attentions.0."] = "middle_block.1."
     prefixes["mid_block.resnets.1."] = "middle_block.2."
 
-    for i, block in enumerate(unet.up_blocks):
+    for i, block in enumerate(getattr(unet, "up_blocks", ())):
         has_attention = bool(getattr(block, "attentions", None))
         for j in range(per_block):
             ldm = f"output_blocks.{per_block * i + j}"
@@ -118,10 +121,9 @@ def _rename(state_dict: dict[str, torch.Tensor], prefixes: dict[str, str], what:
             raise ValueError(f"{what} weight '{key}' has no LDM equivalent; this layout cannot be exported")
 
 
-def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """The U-Net's weights under LDM names (without the `model.diffusion_model.` prefix)."""
+def _unet_blocks_to_ldm(module, prefixes: dict[str, str], what: str) -> dict[str, torch.Tensor]:
     out = {}
-    for hf, ldm, rest, value in _rename(unet.state_dict(), _unet_prefix_map(unet), "U-Net"):
+    for hf, ldm, rest, value in _rename(module.state_dict(), prefixes, what):
         if ".resnets." in hf:
             for a, b in _UNET_RESNET_RENAMES:
                 if rest.startswith(a):
@@ -129,6 +131,32 @@ def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
                     break
         out[ldm + rest] = value
     return out
+
+
+def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """The U-Net's weights under LDM names (without the `model.diffusion_model.` prefix)."""
+    return _unet_blocks_to_ldm(unet, _unet_prefix_map(unet), "U-Net")
+
+
+def controlnet_to_ldm(controlnet) -> dict[str, torch.Tensor]:
+    """A diffusers ControlNetModel's weights in the original ControlNet layout, `control_model.`
+    keys included: the copied U-Net half under U-Net names, `input_hint_block` (the control
+    image's embedding: convolutions at 0, 2, 4, ...), `zero_convs` and `middle_block_out` (the
+    zero-initialised outputs). The reverse of diffusers' `convert_controlnet_checkpoint`."""
+    embedding = controlnet.controlnet_cond_embedding
+    n = len(embedding.blocks)
+    prefixes = _unet_prefix_map(controlnet)
+    prefixes["controlnet_cond_embedding.conv_in."] = "input_hint_block.0."
+    prefixes.update(
+        {f"controlnet_cond_embedding.blocks.{i}.": f"input_hint_block.{2 * i + 2}." for i in range(n)}
+    )
+    prefixes["controlnet_cond_embedding.conv_out."] = f"input_hint_block.{2 * n + 2}."
+    for i in range(len(controlnet.controlnet_down_blocks)):
+        prefixes[f"controlnet_down_blocks.{i}."] = f"zero_convs.{i}.0."
+    prefixes["controlnet_mid_block."] = "middle_block_out.0."
+    weights = _unet_blocks_to_ldm(controlnet, prefixes, "ControlNet")
+    # clone: safetensors refuses tensors that share memory.
+    return {CONTROLNET_PREFIX + k: v.detach().contiguous().clone() for k, v in weights.items()}
 
 
 def _vae_prefix_map(vae: AutoencoderKL) -> dict[str, str]:

@@ -52,6 +52,7 @@ def build_hooks(
     ]
     controlnet = None
     ref = options.controlnet
+    family = getattr(model, "family", None)
     if not ref and getattr(model, "identity", None) == DEMO_VERSION and missing_controlnet_warning(collage):
         ref = DEMO_MODEL_ID  # the demo model comes with its own edge ControlNet
     if ref:
@@ -71,6 +72,6 @@ def build_hooks(
                 detector=CannyDetector(options.canny_low, options.canny_high),
             )
         )
-    elif not ref and (warning := missing_controlnet_warning(collage)):
+    elif not ref and (warning := missing_controlnet_warning(collage, family)):
         warnings.append(warning)
     return hooks, warnings

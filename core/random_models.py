@@ -7,6 +7,10 @@ or a single file, prompt encoding, the pieces) must run there. `tiny` models shr
 saved once into the cache as an ordinary diffusers folder (`ensure_random_model`), so it is
 loaded exactly like a user's model. Random weights draw noise, not pictures.
 
+`ensure_random_controlnet` builds a ControlNet of a random model's shape (diffusers'
+`ControlNetModel.from_unet`, as its own SDXL ControlNet tests do), with small random values in the
+output convolutions that training starts at zero, so that its residuals carry signal.
+
 `ensure_config_folder` also serves real users: it is the family's configuration (the shipped
 JSON files plus the CLIP tokenizer built offline), which `from_single_file` needs to load a
 checkpoint without fetching anything.
@@ -143,6 +147,46 @@ def ensure_random_model(family_id: str, scale: str = "tiny", cache_dir: Path | N
             write_clip_tokenizer_files(folder / slot.tokenizer)
 
     return _ensure_folder(random_model_dir(family_id, scale, cache_dir), "model_index.json", write)
+
+
+def build_random_controlnet(unet, seed: int = 0, zero_conv_scale: float = 0.05):
+    """A ControlNet of `unet`'s shape (its encoder half copied, `ControlNetModel.from_unet`) whose
+    zero-initialised convolutions (each residual's output, and the control image embedding's last
+    layer) hold random values of standard deviation `zero_conv_scale`: a freshly made ControlNet's
+    residuals are all exactly zero, which no test of what they do could see."""
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel.from_unet(unet)
+    randomize_zero_convolutions(net, seed, zero_conv_scale)
+    return net.eval()
+
+
+def randomize_zero_convolutions(net, seed: int = 0, scale: float = 0.05) -> None:
+    """Fill a ControlNet's zero-initialised convolutions with random values (fixed seed), in place."""
+    gen = torch.Generator().manual_seed(seed)
+    modules = [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def random_controlnet_dir(family_id: str, scale: str, cache_dir: Path | None = None) -> Path:
+    return (cache_dir or default_cache_dir()) / "models" / f"random-{family_id}-{scale}-controlnet-{_VERSION}"
+
+
+def ensure_random_controlnet(family_id: str, scale: str = "tiny", cache_dir: Path | None = None) -> Path:
+    """The diffusers folder of a random ControlNet for `ensure_random_model(family_id, scale)`,
+    built on first use (from that model's U-Net)."""
+    from diffusers import UNet2DConditionModel
+
+    model = ensure_random_model(family_id, scale, cache_dir)
+
+    def write(folder: Path) -> None:
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", local_files_only=True)
+        build_random_controlnet(unet).save_pretrained(folder, safe_serialization=True)
+
+    return _ensure_folder(random_controlnet_dir(family_id, scale, cache_dir), "config.json", write)
 
 
 def config_folder_dir(family: ModelFamily, cache_dir: Path | None = None) -> Path:

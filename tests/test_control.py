@@ -402,8 +402,9 @@ def test_controlnet_of_another_base_is_refused(model, tmp_path):
     sd21 = {"cross_attention_dim": 1024, "in_channels": 4}
     message = compatibility_problem(sd15, sd21)
     assert message.startswith(
-        "this ControlNet is for a model with 768-dim text features (Stable Diffusion 1.x); "
-        "the loaded model has 1024 (Stable Diffusion 2.x)"
+        "this ControlNet was made for Stable Diffusion 1.x (768-dim text features); "
+        "the loaded model is Stable Diffusion 2.x. Use a ControlNet made for Stable Diffusion 2.x "
+        "(for Canny edges e.g. 'thibaud/controlnet-sd21-canny-diffusers')"
     )
     shape = {"block_out_channels": [32, 64], "layers_per_block": 2, "down_block_types": ["A", "B"]}
     assert "levels" in compatibility_problem(

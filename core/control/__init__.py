@@ -1,7 +1,7 @@
 """Structural fidelity: a ControlNet per layer, masked and weighted (algorithm.md §3).
 
-Three parts, one module each (`images`, `loading`, `hook`); every public name is importable
-from `core.control`:
+Three parts, one module each (`images`, `loading` with `files` for single-file ControlNets,
+`hook`); every public name is importable from `core.control`:
 
 * **Control images.** A `ControlDetector` turns one layer's own RGBA pixels into an edge map
   (`CannyDetector`: Canny edges of the object's outline and of its inside). Each layer with
@@ -10,8 +10,11 @@ from `core.control`:
   The maps are combined (maximum) into one white-on-black RGB image, what diffusers' Canny
   ControlNets expect. Other detectors (depth, pose...) fit behind the same protocol.
 * **Loading.** `load_controlnet` mirrors `core.models.load_pipeline`: a hub id, a diffusers
-  ControlNet folder, or a single checkpoint file; one ControlNet is kept loaded and reused; a
-  ControlNet made for another model family is refused with a message that says so.
+  ControlNet folder, or a single checkpoint file (diffusers' or the original layout; a full-size
+  SD 1.x, 2.x or SDXL one loads offline with the configuration shipped for its family); one
+  ControlNet is kept loaded and reused. The family a ControlNet was made for is read from its
+  config (`core.families.families_of_unet_config`); one of another family than the model's is
+  refused with a message naming both.
 * **The sampler hook.** `controlnet_hook(...)` builds a `core.generate` hook. At each step in the
   guidance range it runs the ControlNet on the step's U-Net input (both classifier-free-guidance
   halves, as diffusers does) and multiplies every residual — each down-block residual and the
@@ -21,7 +24,8 @@ from `core.control`:
 
   (m_i the visible masks, area-averaged to that resolution; the background has weight 0) before
   it is passed to the U-Net as ``down_block_additional_residuals`` /
-  ``mid_block_additional_residual``. Outside the layers with a weight > 0 the residuals are
+  ``mid_block_additional_residual``. SDXL ControlNets get the U-Net's added conditioning (pooled
+  text embedding and ``time_ids``) too. Outside the layers with a weight > 0 the residuals are
   exactly zero, and they scale linearly with the weights.
 
     controlnet = load_controlnet("lllyasviel/control_v11p_sd15_canny", model=model)

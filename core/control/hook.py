@@ -188,7 +188,9 @@ def controlnet_hook(
         if not weights.any():  # the weighted layers are entirely covered
             return None
         problem = compatibility_problem(
-            dict(controlnet.controlnet.config), dict(setup.model.pipeline.unet.config)
+            dict(controlnet.controlnet.config),
+            dict(setup.model.pipeline.unet.config),
+            getattr(setup.model, "family", None),
         )
         if problem:
             raise ModelLoadError(f"ControlNet '{controlnet.ref}' cannot be used with this model: {problem}")

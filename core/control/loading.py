@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..demo_model import DEMO_MODEL_ID, DEMO_VERSION, ensure_demo_controlnet
+from ..families import SD1, ModelFamily, families_of_unet_config
 from ..models import (
     DTYPE_KWARG,
     LoadedModel,
@@ -22,29 +24,16 @@ from ..models import (
     is_hub_access_error,
     looks_like_path,
     quiet_loading,
-    single_file_error,
     stat_key,
 )
+from .files import checkpoint_problem, load_controlnet_file, read_controlnet_file
 
 CONTROLNET_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
 _EXPECTED = (
     "Expected 'demo' (the demo model's own), a Hugging Face hub id such as "
-    "'lllyasviel/control_v11p_sd15_canny', a diffusers "
-    "ControlNet folder (with config.json), or a ControlNet checkpoint file "
+    "'lllyasviel/control_v11p_sd15_canny' (SD 1.5) or 'diffusers/controlnet-canny-sdxl-1.0' (SDXL), "
+    "a diffusers ControlNet folder (with config.json), or a ControlNet checkpoint file "
     f"({', '.join(CONTROLNET_FILE_SUFFIXES)})."
-)
-# Families by the width of their text features (the U-Net's cross_attention_dim).
-_FAMILIES = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "SDXL"}
-_CANNY_FOR = {
-    768: "lllyasviel/control_v11p_sd15_canny",
-    1024: "thibaud/controlnet-sd21-canny-diffusers",
-}
-# Keys that only ControlNet checkpoints have (diffusers names, then the original ones).
-_CONTROLNET_KEYS = (
-    "controlnet_cond_embedding.",
-    "controlnet_down_blocks.",
-    "input_hint_block.",
-    "zero_convs.",
 )
 
 
@@ -67,39 +56,58 @@ class _ControlSource:
     config_subfolder: str | None = None
 
 
-def _family(dim) -> str:
-    name = _FAMILIES.get(dim) if isinstance(dim, int) else None
-    return f"{dim}-dim text features ({name})" if name else f"{dim}-dim text features"
+def _width(dim) -> str:
+    return f"{dim}-dim text features"
 
 
-def _family_short(dim) -> str:
-    name = _FAMILIES.get(dim) if isinstance(dim, int) else None
-    return f"{dim} ({name})" if name else f"{dim}"
+def _width_note(dim) -> str:
+    return f" ({_width(dim)})" if dim is not None else ""
 
 
-def compatibility_problem(controlnet_config, unet_config) -> str | None:
-    """Why a ControlNet with this config cannot steer a U-Net with that config, or None."""
+def _made_for(families: list[ModelFamily], config) -> str:
+    if not families:
+        return f"models with a '{config.get('addition_embed_type')}' added embedding"
+    return " or ".join(f.label for f in families)
+
+
+def compatibility_problem(controlnet_config, unet_config, family: ModelFamily | None = None) -> str | None:
+    """Why a ControlNet with this config cannot steer a U-Net with that config (of a model of
+    `family`, by default the one the U-Net's config says), or None.
+
+    The ControlNet's family is read from its config (`families_of_unet_config`: SDXL's have the
+    text_time added embedding, SD 1.x and 2.x differ in text-feature width); one made for another
+    family is refused naming both. Then its residuals must fit the U-Net: the same text-feature
+    width, latent channels, channels and layers per level, and an RGB control image. Only what
+    `controlnet_config` gives is compared (a single file's weight names tell its family early).
+    """
+    if family is None:
+        candidates = families_of_unet_config(unet_config)
+        family = candidates[0] if len(candidates) == 1 else None
     cn_dim, unet_dim = controlnet_config.get("cross_attention_dim"), unet_config.get("cross_attention_dim")
-    if cn_dim != unet_dim:
-        hint = _CANNY_FOR.get(unet_dim)
-        advice = (
-            f" Use a ControlNet made for that family (for Canny edges e.g. '{hint}')."
-            if hint
-            else (" Use a ControlNet made for the loaded model's family.")
-        )
-        return (
-            f"this ControlNet is for a model with {_family(cn_dim)}; the loaded model has "
-            f"{_family_short(unet_dim)}.{advice}"
-        )
-    if controlnet_config.get("in_channels") != unet_config.get("in_channels"):
+    advice = ""
+    if family is not None:
+        hint = f" (for Canny edges e.g. '{family.canny_controlnet}')" if family.canny_controlnet else ""
+        advice = f" Use a ControlNet made for {family.label}{hint}."
+        made_for = families_of_unet_config(controlnet_config)
+        if family not in made_for:
+            return (
+                f"this ControlNet was made for {_made_for(made_for, controlnet_config)}"
+                f"{_width_note(cn_dim)}; the loaded model is {family.label}.{advice}"
+            )
+    if cn_dim is not None and cn_dim != unet_dim:
+        label = f" ({family.label})" if family is not None else ""
+        return f"this ControlNet is for a model with {_width(cn_dim)}; the loaded model has {unet_dim}{label}.{advice}"
+    if "in_channels" in controlnet_config and controlnet_config["in_channels"] != unet_config.get(
+        "in_channels"
+    ):
         return (
             f"this ControlNet works on {controlnet_config.get('in_channels')}-channel latents; the loaded "
             f"model's U-Net takes {unet_config.get('in_channels')} (an inpainting model?)."
         )
-    shape = ("block_out_channels", "layers_per_block", "down_block_types")
-    cn_shape = [_plain(controlnet_config.get(k)) for k in shape]
-    unet_shape = [_plain(unet_config.get(k)) for k in shape]
-    if cn_shape != unet_shape:
+    # What the residuals' shapes depend on (not which levels have attention, nor how deep:
+    # SDXL's small ControlNets have less of it than the U-Net).
+    cn_shape, unet_shape = _levels(controlnet_config), _levels(unet_config)
+    if "block_out_channels" in controlnet_config and cn_shape != unet_shape:
         return (
             f"this ControlNet's U-Net levels (channels {cn_shape[0]}, {cn_shape[1]} per block) do not "
             f"match the loaded model's (channels {unet_shape[0]}, {unet_shape[1]} per block): it was "
@@ -111,6 +119,14 @@ def compatibility_problem(controlnet_config, unet_config) -> str | None:
             f"this ControlNet takes a {channels}-channel control image; this tool makes RGB (3-channel) ones."
         )
     return None
+
+
+def _levels(config) -> tuple:
+    return (
+        _plain(config.get("block_out_channels")),
+        _plain(config.get("layers_per_block")),
+        len(config.get("down_block_types") or ()),
+    )
 
 
 def _plain(value):
@@ -151,19 +167,6 @@ def _folder_identity(folder: Path, sub: str | None) -> str:
     return "|".join(parts)
 
 
-def _checkpoint_problem(keys: list[str]) -> str | None:
-    # Original ControlNet files prefix their keys with "control_model." (or not, e.g. v1.1 .pth).
-    if any(k.removeprefix("control_model.").startswith(_CONTROLNET_KEYS) for k in keys):
-        return None
-    if any(k.startswith("model.diffusion_model.") for k in keys):
-        return "it is a Stable Diffusion model checkpoint, not a ControlNet (load it as the model instead)"
-    if any("lora" in k.lower() for k in keys):
-        return "it is a LoRA, not a ControlNet"
-    if any(k.startswith("adapter.") for k in keys):
-        return "it is a T2I-Adapter, not a ControlNet"
-    return "it has no ControlNet weights (no control hint / zero-convolution keys)"
-
-
 def _resolve_config(config: str | os.PathLike[str] | None) -> tuple[str | None, str | None]:
     if config is None:
         return None, None
@@ -202,7 +205,7 @@ def _resolve_source(ref: str | os.PathLike[str], config) -> _ControlSource:
         raise ModelLoadError(
             f"unsupported ControlNet file type '{path.suffix or '(none)'}': {path}. " + _EXPECTED
         )
-    check_checkpoint_file(path, _checkpoint_problem, "a ControlNet")
+    check_checkpoint_file(path, checkpoint_problem, "a ControlNet")
     config_ref, config_sub = _resolve_config(config)
     key = f"controlnet-file:{path}|{stat_key(path)}"
     if config_ref is not None:
@@ -210,13 +213,18 @@ def _resolve_source(ref: str | os.PathLike[str], config) -> _ControlSource:
     return _ControlSource("file", str(path), key, config=config_ref, config_subfolder=config_sub)
 
 
-def _load(source: _ControlSource, dtype: torch.dtype):
-    """Load on CPU in `dtype`; returns the ControlNetModel and the identity of its weights."""
+def _load(source: _ControlSource, dtype: torch.dtype, check: Callable[[dict], None]):
+    """Load on CPU in `dtype`; returns the ControlNetModel and the identity of its weights.
+    `check(config)` refuses a ControlNet that does not fit before its weights are read, from a
+    folder's config.json or what a file's weight names and widths say (`compatibility_problem`
+    compares what a config gives)."""
     from diffusers import ControlNetModel
 
     quiet_loading()
     common = {DTYPE_KWARG: dtype}
     if source.kind == "folder":
+        root = Path(source.location) / source.subfolder if source.subfolder else Path(source.location)
+        check(_read_config(root / "config.json"))
         try:
             net = ControlNetModel.from_pretrained(
                 source.location, subfolder=source.subfolder, local_files_only=True, **common
@@ -240,24 +248,12 @@ def _load(source: _ControlSource, dtype: torch.dtype):
             raise ModelLoadError(f"could not load hub ControlNet '{source.location}': {e}") from e
         return net, source.key
 
-    kwargs: dict[str, object] = {}
-    if source.config is not None:
-        kwargs["config"] = source.config
-        kwargs["local_files_only"] = os.path.isdir(source.config)
-        if source.config_subfolder:
-            kwargs["subfolder"] = source.config_subfolder
-    try:
-        net = ControlNetModel.from_single_file(source.location, **common, **kwargs)
-    except Exception as e:
-        raise single_file_error(
-            e,
-            source.location,
-            source.config,
-            loaded_as="a ControlNet (damaged file, or a kind of ControlNet this tool does not support)",
-            family="ControlNet",
-            config_hint="--controlnet-config, or config=): a diffusers ControlNet folder or hub id of the "
-            "same family, e.g. a local copy of lllyasviel/control_v11p_sd15_canny for SD 1.x.",
-        ) from e
+    path = Path(source.location)
+    info = read_controlnet_file(path)
+    check(info.config)  # the family its weights say, before they are read
+    net = load_controlnet_file(
+        path, config=source.config, subfolder=source.config_subfolder, dtype=dtype, info=info
+    )
     return net, source.key
 
 
@@ -269,8 +265,8 @@ def unload_controlnet() -> None:
     _controlnets.clear()
 
 
-def _refuse_if_incompatible(net, model: LoadedModel, what: str) -> None:
-    problem = compatibility_problem(dict(net.config), dict(model.pipeline.unet.config))
+def _refuse_if_incompatible(config, model: LoadedModel, what: str) -> None:
+    problem = compatibility_problem(dict(config), dict(model.pipeline.unet.config), model.family)
     if problem:
         raise ModelLoadError(f"ControlNet {what} cannot be used with model '{model.ref}': {problem}")
 
@@ -286,23 +282,28 @@ def load_controlnet(
     `ref` is "demo" (the demo model's edge ControlNet, shipped with the project), a hub id
     ("lllyasviel/control_v11p_sd15_canny"), a diffusers ControlNet folder (with
     config.json, or a pipeline folder with a controlnet/ subfolder), or a single checkpoint file.
-    For a single file, `config` (a ControlNet folder or hub id of the same family) supplies the
-    configuration; without it diffusers fetches the SD 1.5 Canny ControlNet's. Raises
-    `ModelLoadError` with an actionable message, also when the ControlNet was made for another
-    model family than `model`'s. The same weights on the same device and dtype return the same
+    For a single file, `config` (a ControlNet folder or hub id of the same kind) supplies the
+    configuration; without it, a full-size ControlNet of SD 1.x, 2.x or SDXL loads with the
+    configuration shipped for its family (offline; the family read from the file's weights), and
+    other files with the one diffusers picks on the hub. Raises `ModelLoadError` with an
+    actionable message, also when the ControlNet was made for another model family than
+    `model`'s (naming both). The same weights on the same device and dtype return the same
     `LoadedControlNet` object.
     """
     source = _resolve_source(ref, config)
 
+    def refuse(config) -> None:
+        _refuse_if_incompatible(config, model, f"'{ref}'")
+
     def load() -> LoadedControlNet:
-        net, identity = _load(source, model.dtype)
-        _refuse_if_incompatible(net, model, f"'{ref}'")
+        net, identity = _load(source, model.dtype, refuse)
+        refuse(net.config)
         net = net.to(device=model.device, dtype=model.dtype).eval()
         net.requires_grad_(False)
         return LoadedControlNet(net, str(ref), identity, model.device, model.dtype)
 
     def check(cached: LoadedControlNet) -> None:
-        _refuse_if_incompatible(cached.controlnet, model, f"'{ref}'")
+        refuse(cached.controlnet.config)
 
     return _controlnets.get((source.key, str(model.device), model.dtype), load, on_hit=check)
 
@@ -310,21 +311,23 @@ def load_controlnet(
 def wrap_controlnet(controlnet, model: LoadedModel, ref: str = "(in memory)") -> LoadedControlNet:
     """A `LoadedControlNet` for a ControlNetModel built in memory (tests, benchmarks); not cached.
     Refused like `load_controlnet` when it does not fit `model`."""
-    _refuse_if_incompatible(controlnet, model, f"'{ref}'")
+    _refuse_if_incompatible(controlnet.config, model, f"'{ref}'")
     net = controlnet.to(device=model.device, dtype=model.dtype).eval()
     net.requires_grad_(False)
     return LoadedControlNet(net, ref, f"memory:{id(controlnet)}", model.device, model.dtype)
 
 
-def missing_controlnet_warning(collage) -> str | None:
-    """The warning for a run without a ControlNet when visible layers ask for one, else None."""
+def missing_controlnet_warning(collage, family: ModelFamily | None = None) -> str | None:
+    """The warning for a run without a ControlNet when visible layers ask for one, else None;
+    it suggests a ControlNet of `family` (the model's)."""
     asking = [
         layer.text or layer.name for layer in collage.visible_layers() if float(layer.control_weight) > 0
     ]
     if not asking:
         return None
     names = ", ".join(f"'{t}'" for t in asking)
+    suggestion = (family or SD1).canny_controlnet
     return (
         f"layer(s) {names} have a control weight but no ControlNet is loaded, so their structure is not "
-        "enforced; start the engine with a ControlNet (--controlnet, e.g. lllyasviel/control_v11p_sd15_canny)"
+        f"enforced; start the engine with a ControlNet (--controlnet, e.g. {suggestion})"
     )
