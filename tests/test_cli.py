@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from core.cli import main
+from core.compositing import composite
 from core.formats import load_collage
 from core.verbosity import DEBUG_ENV
 
@@ -176,3 +177,69 @@ def test_generate_on_an_sdxl_single_file(demo_model_dir, tiny_sdxl, tiny_sdxl_di
     assert code == 0, capsys.readouterr().err
     assert np.asarray(Image.open(out)).shape == (64, 64, 3)
     assert "Stable Diffusion XL" in capsys.readouterr().err
+
+
+def test_every_piece_on_sdxl_through_the_cli(demo_model_dir, tiny_sdxl_dir, tmp_path, monkeypatch, capsys):
+    """The bento folder with every piece switched on in its manifest (attention weight, per-layer
+    strength 0 and 0.7, a ControlNet weight, appearance) on the tiny SDXL with a tiny SDXL
+    ControlNet: it runs, learns the appearance token, and the strength-0 layer keeps its bytes."""
+    import tomllib
+
+    from core import inversion
+    from core.inversion import InversionSettings
+    from core.random_models import ensure_random_controlnet
+
+    monkeypatch.setattr(inversion.recipe, "DEFAULT_SETTINGS", InversionSettings(steps=2, resolution=128))
+    folder = shutil.copytree(EXAMPLES / "bento", tmp_path / "bento")
+    manifest = (folder / "collage.toml").read_text()
+    manifest = manifest.replace('text = "rice"', 'text = "rice"\nstrength = 0.0')
+    manifest = manifest.replace(
+        'text = "edamame"', 'text = "edamame"\ncontrol_weight = 1.0\nappearance = true'
+    )
+    (folder / "collage.toml").write_text(manifest)
+    layers = tomllib.loads(manifest)["layers"]
+    assert [layer.get("strength") for layer in layers][:3] == [0.0, None, 0.7]
+
+    controlnet = ensure_random_controlnet("sdxl", "tiny", demo_model_dir.parent.parent)
+    out = tmp_path / "xl.png"
+    code = main(
+        [
+            "generate",
+            str(folder),
+            "-o",
+            str(out),
+            "--steps",
+            "3",
+            "--model",
+            str(tiny_sdxl_dir),
+            "--controlnet",
+            str(controlnet),
+            "--size",
+            "document",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "warning" not in err.lower(), err  # the ControlNet fits: no "no ControlNet" warning
+    assert "learning appearance of 'edamame'" in err
+    image = np.asarray(Image.open(out))
+    doc = load_collage(folder).collage
+    assert doc.layers[0].strength == 0.0 and doc.layers[1].attention_weight == 1.5
+    assert doc.layers[3].appearance and doc.layers[3].control_weight == 1.0
+    composite_image = composite(doc).image
+    rice = doc.layers[0]
+    x, y = rice.offset
+    h, w = rice.image.shape[:2]
+    inner = rice.image[8 : h - 8, 8 : w - 8, 3] == 255  # opaque rice pixels away from the feather
+    covered = np.ones_like(inner)
+    for upper in doc.layers[1:]:  # pixels another layer covers are not the rice's
+        ux, uy = upper.offset
+        uh, uw = upper.image.shape[:2]
+        ys, xs = np.mgrid[y + 8 : y + h - 8, x + 8 : x + w - 8]
+        over = (ys >= uy) & (ys < uy + uh) & (xs >= ux) & (xs < ux + uw)
+        covered &= ~over
+    keep = inner & covered
+    assert keep.sum() > 100
+    region = (slice(y + 8, y + h - 8), slice(x + 8, x + w - 8))
+    assert np.array_equal(image[region][keep], composite_image[region][keep])
+    assert not np.array_equal(image, composite_image)
