@@ -84,6 +84,10 @@ class ModelFamily:
     controlnet_config_name: str | None = None
     # Sizes (width, height) the family was trained on besides the native square.
     buckets: tuple[tuple[int, int], ...] = ()
+    # Rough GPU memory of one image in a U-Net batch (plus its decode), per latent pixel, in
+    # half precision: sizes variant batches (an out-of-memory error halves them). Estimates, not
+    # measured on a GPU here: SDXL's deep stacks and float32 VAE decode cost more than SD 1.5's.
+    bytes_per_latent_pixel: int = 150_000
 
     @property
     def pipeline_class(self):
@@ -249,6 +253,7 @@ SDXL = StableDiffusionXLFamily(
     context_dim=2048,
     addition_embed_type="text_time",
     canny_controlnet="diffusers/controlnet-canny-sdxl-1.0",
+    bytes_per_latent_pixel=250_000,
     controlnet_config_name="sdxl-controlnet",
     buckets=(
         (1152, 896),

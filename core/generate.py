@@ -185,7 +185,9 @@ def generate(
     run = _SamplingRun(
         pipe.unet, vae, model.family, collage, scheduler, plan, z0, conditioning, active, report, cancel
     )
-    batch_size = max_batch or auto_batch_size(len(seeds), latent_size, device, do_cfg)
+    batch_size = max_batch or auto_batch_size(
+        len(seeds), latent_size, device, do_cfg, model.family.bytes_per_latent_pixel
+    )
     images: list[GeneratedImage] = []
     with contextlib.ExitStack() as stack:
         for hook in active:
@@ -268,17 +270,20 @@ def _regenerate_start(
     return start, region.astype(np.float32) * np.float32(collage.layer_strength(layer))
 
 
-# Rough activation memory of one image in a U-Net batch, per latent pixel (SD1.5, fp16, SDPA).
-_BYTES_PER_LATENT_PIXEL = 150_000
-
-
-def auto_batch_size(n: int, latent_size: tuple[int, int], device: torch.device, cfg: bool) -> int:
-    """How many variants to denoise at once: what fits in free GPU memory (estimated; an
-    out-of-memory error halves it), and a few at a time on CPU where batching gains little."""
+def auto_batch_size(
+    n: int,
+    latent_size: tuple[int, int],
+    device: torch.device,
+    cfg: bool,
+    bytes_per_latent_pixel: int = 150_000,
+) -> int:
+    """How many variants to denoise at once: what fits in free GPU memory (estimated from the
+    family's `bytes_per_latent_pixel`; an out-of-memory error halves it), and a few at a time on
+    CPU where batching gains little."""
     if device.type != "cuda":
         return min(n, 4)
     free, _total = torch.cuda.mem_get_info(device)
-    per_image = latent_size[0] * latent_size[1] * _BYTES_PER_LATENT_PIXEL * (2 if cfg else 1)
+    per_image = latent_size[0] * latent_size[1] * bytes_per_latent_pixel * (2 if cfg else 1)
     return max(1, min(n, int(free * 0.8) // per_image))
 
 
