@@ -5,7 +5,8 @@
                                   Krita plugin (--dev links it instead of copying; --no-krita skips it)
     python3 install.py --demo     the same, then generate an image from examples/shapes.ora on the demo model
     python3 install.py --test     set up with the test tools (and, on Debian/Ubuntu as root, Krita
-                                  itself for the in-Krita tests), then run the linter and the tests
+                                  itself for the in-Krita tests; .venv-qt6 with PyQt6 for the
+                                  Krita 6 tests), then run the linter and the tests
     python3 install.py --uninstall  remove the plugin from Krita (the environment stays)
 
 Runs on the Python that starts it (3.10+), standard library only, on Linux, Windows and macOS.
@@ -102,18 +103,74 @@ def setup(env: Path, torch_choice: str, test: bool) -> Path:
     return python
 
 
-def ensure_krita_for_tests() -> None:
-    """The plugin's tests run inside real Krita (kritarunner). Debian's package is installed where
+# What PyQt6's wheel links against beyond libc and libstdc++ (it bundles Qt and ICU): soname and
+# the Debian package that has it. Krita's own dependencies bring most of them.
+QT6_LIBS = {
+    "libEGL.so.1": "libegl1",
+    "libGL.so.1": "libgl1",
+    "libX11.so.6": "libx11-6",
+    "libxkbcommon.so.0": "libxkbcommon0",
+    "libfontconfig.so.1": "libfontconfig1",
+    "libfreetype.so.6": "libfreetype6",
+    "libdbus-1.so.3": "libdbus-1-3",
+    "libglib-2.0.so.0": "libglib2.0-0",
+    "libgssapi_krb5.so.2": "libgssapi-krb5-2",
+    "libbrotlidec.so.1": "libbrotli1",
+    "libzstd.so.1": "libzstd1",
+}
+
+
+def missing_qt6_libs() -> list[str]:
+    """Debian packages for the libraries PyQt6 needs that the dynamic linker does not know."""
+    ldconfig = shutil.which("ldconfig") or "/sbin/ldconfig"
+    try:
+        known = subprocess.run([ldconfig, "-p"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []  # no ldconfig to ask: let the PyQt6 import say what is missing
+    return [package for soname, package in QT6_LIBS.items() if soname not in known]
+
+
+def ensure_system_packages_for_tests() -> None:
+    """The plugin's tests run inside real Krita (kritarunner) and on PyQt6 (Krita 6's binding).
+    What is missing of Debian's Krita and the libraries PyQt6 links against is installed where
     that is possible without asking (root with apt-get, as on CI); elsewhere those tests skip."""
-    if shutil.which("kritarunner"):
+    packages = [] if shutil.which("kritarunner") else ["krita", "python3-pyqt5"]
+    if sys.platform.startswith("linux"):
+        packages += missing_qt6_libs()
+    if not packages:
         return
     on_root = hasattr(os, "geteuid") and os.geteuid() == 0
     if sys.platform.startswith("linux") and on_root and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        run(["apt-get", "update", "-q"], env=env)
-        run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "krita", "python3-pyqt5"], env=env)
-    else:
+        run(["apt-get", "update", "-qq"], env=env)
+        run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages], env=env)
+        return
+    if "krita" in packages:
         print("note: Krita's kritarunner is not installed; the in-Krita plugin tests will be skipped")
+    if libs := [p for p in packages if p not in ("krita", "python3-pyqt5")]:
+        print(f"note: PyQt6 needs these system packages, missing here: {' '.join(libs)}")
+
+
+def ensure_qt6_python(env: Path) -> Path | None:
+    """A small virtual environment beside `env` with PyQt6, Krita 6's binding, for the tests of the
+    plugin's Qt code (tests/test_plugin_qt.py); reused when it already imports PyQt6. Its Python,
+    or None (with a note) where PyQt6 cannot be installed: those tests then skip."""
+    qt_env = env.with_name(env.name + "-qt6")
+    python = venv_python(qt_env)
+    probe = [str(python), "-c", "import PyQt6.QtWidgets, PyQt6.QtNetwork"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python
+    print(f"creating {qt_env} with PyQt6 for the Krita 6 (PyQt6) tests")
+    if not python.exists():
+        venv.EnvBuilder(with_pip=True).create(qt_env)
+    # Wheels only: building PyQt6 from source needs a Qt SDK and takes long.
+    pip = [str(python), "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "install", "--only-binary", ":all:", "PyQt6"])  # the probe below judges
+    done = subprocess.run(probe, capture_output=True, text=True)
+    if done.returncode == 0:
+        return python
+    print(f"note: PyQt6 does not import in {qt_env}; the PyQt6 tests will be skipped\n{done.stderr[-1500:]}")
+    return None
 
 
 def install_plugin(python: Path, dev: bool) -> None:
@@ -154,8 +211,10 @@ def main() -> int:
             print(line)
         return 0
     python = setup(args.venv.resolve(), args.torch, test=args.test)
+    qt6_python = None
     if args.test:
-        ensure_krita_for_tests()  # the tests use throwaway Krita homes: the user's Krita is untouched
+        ensure_system_packages_for_tests()  # the tests use throwaway Krita homes: the user's Krita is untouched
+        qt6_python = ensure_qt6_python(args.venv.resolve())
     elif not args.no_krita:
         install_plugin(python, args.dev)
     if args.demo:
@@ -168,7 +227,11 @@ def main() -> int:
     elif args.test:
         run([python, "-m", "ruff", "check", "."], cwd=ROOT)
         run([python, "-m", "ruff", "format", "--check", "."], cwd=ROOT)
-        run([python, "-m", "pytest", *rest], cwd=ROOT)
+        env = dict(os.environ)
+        if qt6_python:
+            listed = [str(qt6_python), *filter(None, env.get("COLLAGE_QT_PYTHONS", "").split(os.pathsep))]
+            env["COLLAGE_QT_PYTHONS"] = os.pathsep.join(listed)
+        run([python, "-m", "pytest", *rest], cwd=ROOT, env=env)
     else:
         print(f"\nReady. Python environment: {args.venv}")
     return 0

@@ -1,9 +1,10 @@
 """The plugin's Qt code on PyQt5 (Krita 5) and PyQt6 (Krita 6), outside Krita, against a bridge on
 the demo model: tests/krita/qt_smoke.py run by a Python that has the binding.
 
-Interpreters tried: this one, the system's python3 (Debian: python3-pyqt5), and those listed in
-COLLAGE_QT_PYTHONS (os.pathsep-separated), e.g. a venv with ``pip install PyQt6``. A binding
-no interpreter has is skipped, saying so.
+Interpreters tried: this one, the system's python3 (Debian: python3-pyqt5), those listed in
+COLLAGE_QT_PYTHONS (os.pathsep-separated; ``install.py --test`` lists the PyQt6 venv it makes),
+and the checkout's ``.venv-qt6`` (that venv's default place). A binding no interpreter has is
+skipped, saying so.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "krita"))
 import harness  # noqa: E402
 
 SMOKE = harness.ROOT / "tests" / "krita" / "qt_smoke.py"
+QT6_VENV = harness.ROOT / ".venv-qt6"  # made by install.py --test
 CHECKS = [
     "binding_and_images",
     "reading_with_qt",
@@ -38,6 +40,7 @@ def interpreter_for(binding: int) -> str | None:
     env = harness.clean_env()
     candidates = [sys.executable, shutil.which("python3", path=env["PATH"]), "/usr/bin/python3"]
     candidates += [p for p in os.environ.get("COLLAGE_QT_PYTHONS", "").split(os.pathsep) if p]
+    candidates.append(str(QT6_VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")))
     probe = f"import PyQt{binding}.QtWidgets, PyQt{binding}.QtNetwork"
     for python in dict.fromkeys(c for c in candidates if c and Path(c).exists()):
         try:
@@ -94,6 +97,7 @@ def test_qt_binding(binding, name, bridge_url, tmp_path_factory):
         pytest.skip(
             f"no Python with PyQt{binding} here (Krita {binding if binding == 6 else '5.x'} embeds it);"
             " list one in COLLAGE_QT_PYTHONS to run these"
+            + (" (python3 install.py --test makes one)" if binding == 6 else "")
         )
     report = _run(binding, bridge_url, str(tmp_path_factory.getbasetemp() / "qt-smoke"))
     assert report["qt"] == binding

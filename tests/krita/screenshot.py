@@ -48,8 +48,8 @@ class Shot(Extension):
         doc.setBatchmode(False)
         window.addView(doc)
         if path:
-            # Large enough to see a small document; also, Krita 5.1.5 on Xvfb crashed painting a
-            # 64x64 document at the zoom it opened with.
+            # Large enough to see a small document; also, a fixed zoom avoids a Krita 5.1.5
+            # deadlock at the fit-to-view zoom a document opens with (docs/plugin.md).
             window.activeView().canvas().setZoomLevel(6.0)
         else:  # (a document of ours brings its own settings: collage.json in the .ora)
             krita_suite.set_prompt(doc, "a red sign, a cat and a ball on green grass, picture book style", steps=6,
@@ -166,10 +166,15 @@ def main() -> int:
                 except RuntimeError as error:
                     sys.exit(str(error))
             display = f":{harness.free_port() % 400 + 100}"
-            processes.append(
-                subprocess.Popen(["Xvfb", display, "-screen", "0", f"{args.size}x24", "-nolisten", "tcp"])
-            )
-            time.sleep(1.5)
+            xvfb = subprocess.Popen(["Xvfb", display, "-screen", "0", f"{args.size}x24", "-nolisten", "tcp"])
+            processes.append(xvfb)
+            # Its socket exists once it accepts clients (a fixed sleep was too short on a busy machine).
+            x_socket = Path(f"/tmp/.X11-unix/X{display[1:]}")
+            started = time.monotonic()
+            while not x_socket.exists():
+                if xvfb.poll() is not None or time.monotonic() - started > 30:
+                    sys.exit(f"Xvfb did not start on display {display}")
+                time.sleep(0.1)
             shot = tmp / "shot.png"
             kenv = {
                 **env,
