@@ -54,10 +54,10 @@ def generation_size(
     if policy != "auto":
         raise ValueError(f"unknown size policy {policy!r} (use {', '.join(SIZE_POLICIES)} or WxH)")
     w, h = wire_sizes.auto_size(native_size, size_multiple, width, height)
-    # A long thin canvas (2000×64) scaled to the native area would get a side of a few pixels:
-    # the engine needs 64 at least, so that side stays 64 (rounded up to the multiple).
-    least = -(-64 // size_multiple) * size_multiple
-    return max(w, least), max(h, least)
+    # A long thin canvas scaled to the native area (2000×64 → 360×8 for 64²) would get a side
+    # under 64, or over 8192: the engine takes 64..8192, so such a side is clamped.
+    least, most = -(-64 // size_multiple) * size_multiple, 8192 // size_multiple * size_multiple
+    return min(max(w, least), most), min(max(h, least), most)
 
 
 def validate_any_size(collage: Collage) -> None:
