@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from core.collage import Collage, CollageError, Layer
+from core.sizing import validate_any_size
 from krita_plugin.collage_diffusion import wire
 
 from .config import BridgeConfig
@@ -133,7 +134,7 @@ def to_collage(request: wire.JobRequest, config: BridgeConfig) -> Converted:
     if hasattr(collage, "feather_px"):
         collage.feather_px = request.feather_px
     try:
-        collage.validate()
+        validate_any_size(collage)  # any canvas size: the engine generates at a valid one
     except CollageError as error:
         raise RequestProblems([_wire_names(p) for p in error.problems]) from None
     if base_image is not None and base_image.shape[:2] != (canvas[1], canvas[0]):

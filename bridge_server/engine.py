@@ -1,6 +1,7 @@
 """What the GPU thread runs for one job: `RunRequest` in, core's `GenerationResult` out. `Engine`
-is the real one (models through `core.models`, then `core.generate` with the configured hooks);
-tests and benchmarks pass their own `RunJob`."""
+is the real one (models through `core.models`, then `core.generate` through
+`core.sizing.generate_at_size`, so any canvas size works, with the configured hooks); tests and
+benchmarks pass their own `RunJob`."""
 
 from __future__ import annotations
 
@@ -58,8 +59,8 @@ class Engine:
         return model
 
     def run(self, req: RunRequest) -> GenerationResult:
-        from core.generate import generate
         from core.options import EngineOptions, build_hooks
+        from core.sizing import generate_at_size, generation_size
 
         if req.model != self.current_ref:
             req.progress(Progress(wire.PHASE_LOADING, 0, 1))
@@ -79,9 +80,14 @@ class Engine:
         hooks, warnings = build_hooks(
             model, req.collage, EngineOptions(**self.options), controlnet_errors="warn"
         )
-        result = generate(
+        # Any canvas size: generated at the nearest multiples of 8 (the CLI's "document" size;
+        # the dock sends those already), scaled back, strength-0 pixels pasted back unchanged.
+        canvas = (req.collage.width, req.collage.height)
+        size = generation_size(canvas, "document", model.native_size, model.family.size_multiple)
+        result = generate_at_size(
             model,
             req.collage,
+            size,
             variants=req.variants,
             seeds=req.seeds,
             progress=req.progress,

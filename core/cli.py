@@ -3,7 +3,7 @@
     collage generate INPUT -o OUT.png [--model demo] [--steps 30] [--seed 0] [--variants 1] [-v]
     collage inspect INPUT [-v]
 
-INPUT is an OpenRaster .ora (Krita saves these), a .psd, or a folder with collage.toml/json.
+INPUT is an OpenRaster .ora (Krita saves these), a .psd/.psb, or a folder with collage.toml/json.
 Only our own messages reach the terminal; --verbose (or COLLAGE_DEBUG=1) adds the libraries' notices
 and the debug log (core/verbosity.py).
 """
@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", parents=[common], help="generate an image from a layered document")
-    gen.add_argument("input", type=Path, help=".ora, .psd, or a folder with collage.toml / collage.json")
+    gen.add_argument(
+        "input", type=Path, help=".ora, .psd, .psb, or a folder with collage.toml / collage.json"
+    )
     gen.add_argument(
         "-o", "--output", type=Path, required=True, help="result .png (or .ora: input layers + result)"
     )
@@ -113,6 +115,7 @@ def _variant_paths(output: Path, seeds: list[int]) -> list[Path]:
 
 def _inspect(args) -> int:
     from .formats import load_collage
+    from .sizing import validate_any_size
 
     doc = load_collage(args.input)
     c = doc.collage
@@ -127,7 +130,7 @@ def _inspect(args) -> int:
         )
     for warning in doc.warnings:
         print(f"  note: {warning}")
-    c.validate()
+    validate_any_size(c)  # any canvas size: generate scales it to a valid one and back
     return 0
 
 
@@ -166,7 +169,7 @@ def _generate(args) -> int:
     from .formats import load_collage, save_ora, save_png
     from .models import load_pipeline
     from .options import EngineOptions, build_hooks
-    from .sizing import generate_at_size, generation_size, model_generation_size, scaled_collage
+    from .sizing import generate_at_size, model_generation_size, validate_any_size
 
     doc = load_collage(args.input)
     for warning in doc.warnings:
@@ -180,11 +183,7 @@ def _generate(args) -> int:
         raise CollageError([f"--output: must end in .png or .ora, got {args.output.name!r}"])
     # Before loading a model: a bad document should fail in a second. A canvas that is not a
     # multiple of 8 is fine: it is generated at a size that is, and scaled back.
-    validation_size = generation_size((collage.width, collage.height), "document", 8)
-    if validation_size != (collage.width, collage.height):
-        scaled_collage(collage, *validation_size).validate()
-    else:
-        collage.validate()
+    validate_any_size(collage)
 
     print(f"loading model {args.model!r}…", file=sys.stderr)
     model = load_pipeline(args.model, device=args.device, config=args.model_config)
@@ -205,9 +204,10 @@ def _generate(args) -> int:
     try:
         size = model_generation_size(model, (collage.width, collage.height), args.size)
         if size != (collage.width, collage.height):
+            hint = " (--size document to generate at the canvas size)" if args.size == "auto" else ""
             print(
                 f"generating at {size[0]}×{size[1]} ({model.family.label}), scaled back to "
-                f"{collage.width}×{collage.height} (--size document to generate at the canvas size)",
+                f"{collage.width}×{collage.height}{hint}",
                 file=sys.stderr,
             )
         result = generate_at_size(

@@ -53,7 +53,31 @@ def generation_size(
         return wire_sizes.round8(width), wire_sizes.round8(height)
     if policy != "auto":
         raise ValueError(f"unknown size policy {policy!r} (use {', '.join(SIZE_POLICIES)} or WxH)")
-    return wire_sizes.auto_size(native_size, size_multiple, width, height)
+    w, h = wire_sizes.auto_size(native_size, size_multiple, width, height)
+    # A long thin canvas scaled to the native area (2000×64 → 360×8 for 64²) would get a side
+    # under 64, or over 8192: the engine takes 64..8192, so such a side is clamped.
+    least, most = -(-64 // size_multiple) * size_multiple, 8192 // size_multiple * size_multiple
+    return min(max(w, least), most), min(max(h, least), most)
+
+
+def validate_any_size(collage: Collage) -> None:
+    """`Collage.validate` for a canvas of any size from 64 to 8192 a side: one that is not a
+    multiple of 8 is generated at one that is and scaled back, so it is checked on that copy.
+    Raises `CollageError`; a canvas out of range is reported as such."""
+    width, height = collage.width, collage.height
+    in_range = all(
+        isinstance(v, int) and not isinstance(v, bool) and 64 <= v <= 8192 for v in (width, height)
+    )
+    if in_range and (width % 8 or height % 8):
+        scaled_collage(collage, wire_sizes.round8(width), wire_sizes.round8(height)).validate()
+    elif in_range:
+        collage.validate()
+    else:
+        try:
+            collage.validate()
+        except CollageError as error:  # out of range: "multiple of 8" would only add noise
+            problems = [p for p in error.problems if "must be a multiple of 8" not in p]
+            raise CollageError(problems) from None
 
 
 def model_generation_size(model, canvas: tuple[int, int], policy: str | tuple[int, int]) -> tuple[int, int]:

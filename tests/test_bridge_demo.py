@@ -233,3 +233,53 @@ async def test_info_describes_each_model_and_a_job_runs_on_sdxl(
     done = await T.wait_done(client, (await r.json())["id"])
     assert done.state == wire.DONE, done.error
     assert [(res.width, res.height) for res in done.results] == [(128, 128)]
+
+
+async def test_any_canvas_size_comes_back_at_that_size(aiohttp_client, config):
+    """100×75 is no multiple of 8: the engine generates at 104×72 and scales back. The results have
+    the request's size, and the strength-0 layer's pixels are its own bytes; a regenerate request
+    on that canvas (base image at 100×75) changes nothing far from its layer."""
+    client = await aiohttp_client(create_app(config))
+    kept = T.solid_layer("salmon sushi", 30, 20, (250, 120, 90, 255), x=7, y=5, strength=0.0)
+    changed = T.solid_layer("ginger", 20, 20, (240, 200, 200, 255), x=71, y=49)
+    request = T.small_request(width=100, height=75, layers=[kept, changed], steps=3, feather_px=0)
+    r = await T.submit(client, request)
+    assert r.status == 202, await r.text()
+    done = await T.wait_done(client, (await r.json())["id"])
+    assert done.state == wire.DONE, (done.error, done.problems)
+    assert [(res.width, res.height) for res in done.results] == [(100, 75)]
+    base = await (await client.get(done.results[0].url)).read()
+    image = np.asarray(Image.open(io.BytesIO(base)).convert("RGB"))
+    assert image.shape == (75, 100, 3)
+    assert (image[5:25, 7:37] == (250, 120, 90)).all()  # strength 0: the layer's own bytes
+    assert not (image[49:69, 71:91] == (240, 200, 200)).all()  # strength 1: generated
+
+    if not engine_supports_regenerate():
+        return
+    again = T.small_request(
+        width=100,
+        height=75,
+        layers=[kept, changed],
+        steps=3,
+        feather_px=0,
+        base_image=base,
+        regenerate_layer=1,
+        regenerate_dilation=0,
+    )
+    r = await T.submit(client, again)
+    assert r.status == 202, await r.text()
+    redone = await T.wait_done(client, (await r.json())["id"])
+    assert redone.state == wire.DONE, (redone.error, redone.problems)
+    after = np.asarray(Image.open(io.BytesIO(await (await client.get(redone.results[0].url)).read())))
+    assert after.shape == (75, 100, 3)
+    diff = np.abs(after.astype(int) - image.astype(int)).sum(axis=2) > 0
+    assert diff[49:69, 71:91].any()
+    assert not diff[:40, :60].any()  # far from the regenerated layer: the base image's bytes
+
+
+async def test_a_canvas_under_64_px_is_refused(aiohttp_client, config):
+    client = await aiohttp_client(create_app(config))
+    r = await T.submit(client, T.small_request(width=63, height=100))
+    assert r.status == 422
+    problems = (await r.json())["problems"]
+    assert problems == ["width: must be a whole number of pixels in 64..8192, got 63"], problems

@@ -73,7 +73,7 @@ def test_defaults_agree_with_core():
 @pytest.mark.parametrize(
     "change, expected",
     [
-        (dict(width=100), "width: must be a multiple of 8"),
+        (dict(width=63), "width: must be a whole number of pixels in 64..8192"),
         (dict(height=32), "height: must be a whole number of pixels in 64..8192"),
         (dict(width=8192, height=8192), "width, height: the canvas 8192×8192"),
         (dict(variants=0), "variants: must be a whole number in 1..16"),
@@ -105,6 +105,12 @@ def test_validate_names_the_field(change, expected):
     assert any(p.startswith(expected) for p in problems), problems
 
 
+def test_any_canvas_size_from_64_is_valid():
+    """The engine generates at the nearest multiples of 8 and scales back, so the wire takes any size."""
+    assert request(width=100, height=75).validate() == []
+    assert request(width=97, height=8191).validate() == []
+
+
 @pytest.mark.parametrize(
     "layer_change, expected",
     [
@@ -129,7 +135,7 @@ def test_validate_names_the_layer_field(layer_change, expected):
 
 
 def test_validate_reports_every_problem_at_once():
-    req = request(width=100, steps=0)
+    req = request(width=32, steps=0)
     req.layers[0] = dataclasses.replace(req.layers[0], strength=3)
     problems = req.validate()
     assert {p.split(":")[0] for p in problems} >= {"width", "steps", "layers[0].strength"}

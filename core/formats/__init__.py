@@ -1,4 +1,4 @@
-"""Reading and writing collage documents: OpenRaster (.ora), Photoshop (.psd), a folder of PNGs.
+"""Reading and writing collage documents: OpenRaster (.ora), Photoshop (.psd, .psb), a folder of PNGs.
 
 `load_collage` reads any of them into a `LoadedDocument`: the `Collage` to generate, the layer
 tree as the document has it (to write back with `save_ora`), and warnings for what was skipped.
@@ -12,7 +12,7 @@ document that cannot be read at all. The rules, shared by every format:
   match, so a big canvas with small objects stays cheap.
 * A layer that is entirely transparent, has opacity 0, or shows no pixel on the canvas is skipped
   with a warning.
-* 16-bit, grey, palette and CMYK pixels are converted to 8-bit RGBA.
+* 16- and 32-bit, grey, palette, CMYK and Lab pixels are converted to 8-bit RGBA.
 * A layer's text is its name, whitespace stripped, unless collage.json gives it one. A name an
   editor makes up ("", "Layer 3", "Paint Layer 2", "Group 1", "Background", "Layer 3 copy") says
   nothing about the layer, so such a layer is skipped with a warning asking for a real name.
@@ -39,6 +39,7 @@ from .document import DocumentError, LoadedDocument, ResultLayer, is_default_nam
 from .folder import MANIFESTS, read_folder
 from .images import as_uint8_image
 from .ora import read_ora, save_ora
+from .psd import SUFFIXES as PSD_SUFFIXES
 from .psd import read_psd
 from .settings import SETTINGS_ENTRY, SETTINGS_VERSION, DocumentSettings, collage_settings, parse_settings
 
@@ -60,7 +61,7 @@ __all__ = [
 ]
 
 SUPPORTED = (
-    "an OpenRaster file (.ora), a Photoshop file (.psd), or a folder with collage.toml or collage.json"
+    "an OpenRaster file (.ora), a Photoshop file (.psd, .psb), or a folder with collage.toml or collage.json"
 )
 
 
@@ -76,7 +77,7 @@ def load_collage(path: str | Path) -> LoadedDocument:
     suffix = path.suffix.lower()
     if suffix == ".ora":
         return read_ora(path)
-    if suffix == ".psd":
+    if suffix in PSD_SUFFIXES:
         return read_psd(path)
     hint = " (Krita: File → Export… → OpenRaster .ora)" if suffix == ".kra" else ""
     raise DocumentError(

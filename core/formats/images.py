@@ -24,6 +24,8 @@ def to_rgba8(image: Image.Image) -> np.ndarray:
         grey = np.asarray(image, dtype=np.float64)
         scale = 255.0 if grey.size and grey.max() <= 1.0 else 1.0  # float images come as 0..1 or 0..255
         image = Image.fromarray((grey * scale).round().clip(0, 255).astype(np.uint8), "L")
+    elif image.mode == "LAB":
+        image = image.convert("RGB")  # PIL's LAB → RGBA leaves alpha 0
     if image.mode != "RGBA":
         # Palette transparency (tRNS), "LA"/"PA" alpha and CMYK all map through convert("RGBA").
         image = image.convert("RGBA")

@@ -142,11 +142,9 @@ class JobRequest:
         canvas_ok = True
         for name in ("width", "height"):
             value = getattr(self, name)
+            # Any size: the engine generates at the nearest multiple of 8 and scales back.
             if not _is_int(value) or not 64 <= value <= lim.max_side:
                 p.append(f"{name}: must be a whole number of pixels in 64..{lim.max_side}, got {value!r}")
-                canvas_ok = False
-            elif value % 8:
-                p.append(f"{name}: must be a multiple of 8, got {value}")
                 canvas_ok = False
         if canvas_ok and self.width * self.height > lim.max_canvas_pixels:
             p.append(
