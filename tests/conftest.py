@@ -1,5 +1,23 @@
-# --- models: the demo model, built once per session (core/models.py, core/demo_model.py) ---
+"""Shared fixtures: one torch thread for tiny-model modules, and the models the tests run on."""
+
 import pytest
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny-model tests (`pytestmark =
+    pytest.mark.usefixtures("one_torch_thread")`): their tensors are tiny, a second thread only
+    adds overhead, and on a busy 2-core machine OpenMP threads waiting for each other turn a 0.1 s
+    generation into seconds."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- models: the demo model, built once per session (core/models.py, core/demo_model.py) ---
 
 
 @pytest.fixture(scope="session")

@@ -24,15 +24,7 @@ from core.generate import SamplingSetup, StepContext, generate
 from core.progress import GenerationCancelled
 from core.tokens import TokenSpans
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tensors are tiny: a second thread only adds overhead, and on a busy 2-core machine
-    (OpenMP threads waiting for each other) a 0.1 s generation can take seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def collage(weight=1.0, **overrides):

@@ -19,13 +19,7 @@ from core.generate import Regenerate, generate
 from core.models import ModelLoadError, folder_family
 from core.random_models import build_random_pipeline, component_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- the shipped configurations are the real ones ---

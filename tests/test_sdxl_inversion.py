@@ -15,13 +15,7 @@ from core.collage import Collage, Layer
 from core.generate import generate
 from core.inversion import InversionCache, InversionSettings, read_embedding, train_embedding
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sushi_image() -> np.ndarray:

@@ -18,12 +18,7 @@ from core.random_models import build_random_pipeline, component_config, ensure_r
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
