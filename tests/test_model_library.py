@@ -1,6 +1,6 @@
 """The model library (core/model_library.py, core/weight_files.py): ComfyUI, A1111/Forge and plain
 folders listed by name, kind and family from headers only, large files without reading them, new
-files without a restart; the CLI's --models-dir. The bridge's side is in test_bridge_library.py."""
+files without a restart; the CLI's and the bridge's --models-dir."""
 
 from __future__ import annotations
 
@@ -632,3 +632,105 @@ def test_the_cli_generates_with_a_library_checkpoint(made, tmp_path, capsys):
     assert main([*args, "--model", "no-such.safetensors"]) == 2
     err = capsys.readouterr().err
     assert "no-such.safetensors" in err and "demo.safetensors" in err  # the names it has
+
+
+# --- the bridge ---------------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_the_bridge_lists_the_model_folders_and_runs_a_library_checkpoint(
+    aiohttp_client, made, tmp_path
+):
+    from bridge_server import testing as T
+    from bridge_server.app import create_app
+    from bridge_server.config import BridgeConfig
+    from bridge_server.keys import MANAGER
+
+    webui = place(made, tmp_path / "webui", A1111)
+    comfy = place(made, tmp_path / "ComfyUI", COMFY)
+    config = BridgeConfig(data_dir=tmp_path / "bridge", preview_interval=0.0, models_dirs=(webui, comfy))
+    client = await aiohttp_client(create_app(config))
+    raw = await (await client.get(wire.ROUTE_INFO)).json()
+    assert str(tmp_path) not in json.dumps(raw)  # names only: no path of the server leaves it
+    info = wire.InfoResponse.from_dict(raw)
+    assert info.model == "demo" and info.models == [
+        "demo",
+        "demo.safetensors",
+        "old/demo.ckpt",
+        "sd1/demo.safetensors",
+        "sdxl/tiny-xl.safetensors",
+        "tiny-sdxl",
+        "XL/tiny-xl.safetensors",
+    ]
+    assert info.details("demo.safetensors") == wire.ModelDetails(
+        "demo.safetensors", "sd1", "Stable Diffusion 1.x", 64, 8
+    )
+    assert info.details("tiny-sdxl") == wire.ModelDetails("tiny-sdxl", "sdxl", "Stable Diffusion XL", 256, 64)
+    unusable = {e.name: e.error for e in info.checkpoints if e.error}
+    assert unusable.keys() == {"broken.safetensors", "misplaced-lora.safetensors"}
+    assert len(info.checkpoints) == len(info.models) - 1 + len(unusable)
+    assert [(e.name, e.family) for e in info.loras] == [
+        ("sd1-style.safetensors", "sd1"),
+        ("sd1.safetensors", "sd1"),
+        ("sd2-thing.safetensors", "sd2"),
+        ("wrong.safetensors", ""),
+        ("xl/detail.safetensors", "sdxl"),
+        ("xl/peft.safetensors", "sdxl"),
+    ]
+    assert info.loras[0] == wire.LibraryEntry(
+        "sd1-style.safetensors", "lora", "sd1", "Stable Diffusion 1.x", made["lora-sd1"].stat().st_size
+    )
+    assert {e.name for e in info.embeddings} == {
+        "bad-hands.pt",
+        "sd1-style.safetensors",
+        "sd2-style.pt",
+        "xl-negative.safetensors",
+        "xl/neg.safetensors",
+    }
+    assert {(e.name, e.family) for e in info.controlnets} == {
+        ("canny-xl.safetensors", "sdxl"),
+        ("xl-canny-diffusers", "sdxl"),
+        ("xl-canny.safetensors", "sdxl"),
+    }
+
+    # A job naming the demo model's single file (with its sidecar config) runs on it.
+    r = await T.submit(client, T.small_request(steps=3, model="demo.safetensors"))
+    assert r.status == 202, await r.text()
+    done = await T.wait_done(client, (await r.json())["id"])
+    assert done.state == wire.DONE and done.model == "demo.safetensors", done.error
+    assert [(res.width, res.height) for res in done.results] == [(64, 64)]
+    engine = client.app[MANAGER].engine
+    assert engine.current_ref == "demo.safetensors"
+    assert engine.current.identity.startswith(f"file:{webui / 'models/Stable-diffusion/demo.safetensors'}|")
+
+    # Only names of the bridge: not a path (even of a library file), not an unusable entry.
+    for name in (
+        "nope.safetensors",
+        str(webui / "models/Stable-diffusion/demo.safetensors"),
+        "misplaced-lora.safetensors",
+    ):
+        r = await T.submit(client, T.small_request(model=name))
+        problems = (await r.json())["problems"]
+        assert r.status == 422 and problems[0].startswith(f"model: {name!r} is not a model of this bridge"), (
+            problems
+        )
+
+    # A checkpoint added while the bridge runs can be named at once, and /info lists it.
+    manager = client.app[MANAGER]
+    manager.pause()
+    place(made, webui, {"models/Stable-diffusion/new/xl.safetensors": "xl.safetensors"})
+    r = await T.submit(client, T.small_request(model="new/xl.safetensors"))
+    assert r.status == 202, await r.text()
+    await client.post(wire.route(wire.ROUTE_JOB_CANCEL, job_id=(await r.json())["id"]))
+    info = wire.InfoResponse.from_dict(await (await client.get(wire.ROUTE_INFO)).json())
+    assert "new/xl.safetensors" in info.models
+
+
+def test_the_bridge_command_line_takes_models_dirs(tmp_path, capsys):
+    from bridge_server.__main__ import config_from_args, main, parser
+
+    (tmp_path / "a").mkdir()
+    config = config_from_args(
+        parser().parse_args(["--models-dir", str(tmp_path / "a"), "--models-dir", "~/b"])
+    )
+    assert config.models_dirs == (tmp_path / "a", Path.home() / "b")
+    assert main(["--models-dir", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "data")]) == 2
+    assert f"--models-dir {tmp_path / 'missing'}: not a folder" in capsys.readouterr().err
