@@ -10,7 +10,7 @@ always that library entry.
 
 from __future__ import annotations
 
-from core.model_library import LibraryEntry, ModelLibrary, resolve_model_name
+from core.model_library import LibraryEntry, ModelLibrary, is_plain_reference, resolve_model_name
 from core.model_sources import ModelLoadError
 from core.weight_files import CHECKPOINT, CONTROLNET, EMBEDDING, LORA
 from krita_plugin.collage_diffusion import wire
@@ -49,6 +49,9 @@ class ModelCatalog:
             ref, config = resolve_model_name(name, self.library)
             return ref, (str(config) if config else None)
         entry = self._find(name)
+        if entry is not None and not entry.path.exists():  # removed since the last listing
+            self.library.scan()
+            entry = self._find(name)
         if entry is None:
             raise ModelLoadError(f"model {name!r} is no longer in the model folders")
         return str(entry.path), (str(entry.config) if entry.config else None)
@@ -83,14 +86,8 @@ class ModelCatalog:
 
     def _entry_of(self, name: str) -> LibraryEntry | None:
         """The library checkpoint a name stands for, if any (from the last listing)."""
-        if self.library is None:
+        if self.library is None or (name in self.config.models and is_plain_reference(name)):
             return None
-        if name in self.config.models:  # a library name only when it is not "demo", a path, ...
-            try:
-                if resolve_model_name(name, self.library)[0] == name:
-                    return None
-            except ModelLoadError:  # an unusable library checkpoint: loading it says why
-                return None
         return next((e for e in self._checkpoints() if e.name == name), None)
 
 

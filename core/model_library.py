@@ -228,7 +228,7 @@ def resolve_model_name(name: str, library: ModelLibrary | None) -> tuple[str, Pa
     otherwise a checkpoint of the library by that name is its path (and sidecar configuration);
     anything else is returned as given (a hub id, or a path that load_pipeline reports missing).
     Raises `ModelLoadError` for a library checkpoint that cannot be used, saying why."""
-    if library is None or name == DEMO_MODEL_ID or Path(name).expanduser().exists():
+    if library is None or is_plain_reference(name):
         return name, None
     entry = library.find(CHECKPOINT, name)
     if entry is None:
@@ -236,6 +236,12 @@ def resolve_model_name(name: str, library: ModelLibrary | None) -> tuple[str, Pa
     if entry.error:
         raise ModelLoadError(f"the checkpoint {name!r} of the model folders cannot be used: {entry.error}")
     return str(entry.path), entry.config
+
+
+def is_plain_reference(name: str) -> bool:
+    """Whether a model named on the command line is "demo" or an existing file or folder, which
+    it stays whatever the model folders hold."""
+    return name == DEMO_MODEL_ID or Path(name).expanduser().exists()
 
 
 def kind_folders(root: Path) -> list[tuple[Path, str]]:

@@ -734,3 +734,28 @@ def test_the_bridge_command_line_takes_models_dirs(tmp_path, capsys):
     assert config.models_dirs == (tmp_path / "a", Path.home() / "b")
     assert main(["--models-dir", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "data")]) == 2
     assert f"--models-dir {tmp_path / 'missing'}: not a folder" in capsys.readouterr().err
+
+
+def test_the_default_model_may_be_a_library_name(made, tmp_path):
+    from bridge_server.catalog import ModelCatalog
+    from bridge_server.config import BridgeConfig
+
+    webui = place(made, tmp_path / "webui", A1111)
+    folder = webui / "models/Stable-diffusion"
+    config = BridgeConfig(
+        data_dir=tmp_path / "data",
+        model="demo.safetensors",
+        allowed_models=("owner/hub",),
+        models_dirs=(webui,),
+    )
+    catalog = ModelCatalog(config)
+    assert catalog.names() == ["demo.safetensors", "owner/hub", "XL/tiny-xl.safetensors"]
+    assert catalog.resolve("demo.safetensors") == (
+        str(folder / "demo.safetensors"),
+        str(folder / "demo.config"),
+    )
+    assert catalog.resolve("XL/tiny-xl.safetensors") == (str(folder / "XL/tiny-xl.safetensors"), None)
+    assert catalog.resolve("owner/hub") == ("owner/hub", None)
+    (folder / "XL/tiny-xl.safetensors").unlink()  # gone before its job ran
+    with pytest.raises(ModelLoadError, match="'XL/tiny-xl.safetensors' is no longer in the model folders"):
+        catalog.resolve("XL/tiny-xl.safetensors")
