@@ -175,10 +175,11 @@ def embedding_family(names: WeightNames) -> ModelFamily | None:
 
 
 # A LoRA's down (A) matrix of the cross-attention key projection: (rank, text-feature width).
+# LyCORIS's LoHa names its factors without ".weight".
 _CROSS_ATTENTION_DOWN = re.compile(
-    r"attn2[._](processor\.)?to_k(_lora)?[._](lora_down|lora_A|lora\.down|down|hada_w1_b)\.weight$"
+    r"attn2[._](processor\.)?to_k(_lora)?[._](lora_down|lora_A|lora\.down|down|hada_w1_b)(\.weight)?$"
 )
-_TEXT_ENCODER_DOWN = re.compile(r"q_proj[._](lora_down|lora_A|lora\.down|hada_w1_b)\.weight$")
+_TEXT_ENCODER_DOWN = re.compile(r"q_proj[._](lora_down|lora_A|lora\.down|hada_w1_b)(\.weight)?$")
 _SECOND_TEXT_ENCODER = ("lora_te2_", "text_encoder_2.", "te2.")
 _FIRST_TEXT_ENCODER = ("lora_te_", "lora_te1_", "text_encoder.", "te1.", "te.")
 # kohya names SDXL's U-Net with the original (LDM) module names, SD 1.x/2.x's with diffusers'.

@@ -266,119 +266,35 @@ def names(shapes: dict[str, tuple[int, ...]], **metadata: str) -> WeightNames:
     return WeightNames(shapes, metadata)
 
 
+# kohya's names of a cross-attention key projection: SD 1.x/2.x (diffusers' blocks), SDXL (LDM's).
+KOHYA_SD = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+KOHYA_XL = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
+PEFT = "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+Q_PROJ = "text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"
+
+
 @pytest.mark.parametrize(
     ("shapes", "metadata", "family", "width"),
     [
-        (
-            {
-                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": (
-                    8,
-                    768,
-                )
-            },
-            {},
-            "sd1",
-            768,
-        ),
-        (
-            {
-                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": (
-                    8,
-                    1024,
-                )
-            },
-            {},
-            "sd2",
-            1024,
-        ),
-        (
-            {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": (8, 2048)},
-            {},
-            "sdxl",
-            2048,
-        ),
-        (
-            {"unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": (4, 2048)},
-            {},
-            "sdxl",
-            2048,
-        ),
-        (
-            {
-                "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.to_k_lora.down.weight": (
-                    4,
-                    768,
-                )
-            },
-            {},
-            "sd1",
-            768,
-        ),
-        (
-            {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.hada_w1_b": (8, 768)},
-            {},
-            None,
-            None,
-        ),
-        (
-            {
-                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.hada_w1_b.weight": (
-                    8,
-                    768,
-                )
-            },
-            {},
-            "sd1",
-            768,
-        ),
+        ({f"{KOHYA_SD}.lora_down.weight": (8, 768)}, {}, "sd1", 768),
+        ({f"{KOHYA_SD}.lora_down.weight": (8, 1024)}, {}, "sd2", 1024),
+        ({f"{KOHYA_XL}.lora_down.weight": (8, 2048)}, {}, "sdxl", 2048),
+        ({f"{PEFT}.to_k.lora_A.weight": (4, 2048)}, {}, "sdxl", 2048),
+        ({f"{PEFT}.processor.to_k_lora.down.weight": (4, 768)}, {}, "sd1", 768),  # diffusers' old format
+        ({f"{KOHYA_SD}.hada_w1_b": (8, 768)}, {}, "sd1", 768),  # LyCORIS LoHa: no ".weight"
         # Text encoders only: a second one is SDXL; the first one's width tells SD 1.x from 2.x.
-        (
-            {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": (4, 1280)},
-            {},
-            "sdxl",
-            None,
-        ),
-        (
-            {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": (4, 1024)},
-            {},
-            "sd2",
-            None,
-        ),
+        ({f"lora_te2_{Q_PROJ}": (4, 1280)}, {}, "sdxl", None),
+        ({f"lora_te_{Q_PROJ}": (4, 1024)}, {}, "sd2", None),
         # A small test model's width: kohya's SDXL names, then the metadata, else unknown.
-        (
-            {"lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k.lora_down.weight": (4, 80)},
-            {},
-            "sdxl",
-            80,
-        ),
-        (
-            {
-                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": (
-                    4,
-                    32,
-                )
-            },
-            {"ss_base_model_version": "sd_v1"},
-            "sd1",
-            32,
-        ),
+        ({f"{KOHYA_XL}.lora_down.weight": (4, 80)}, {}, "sdxl", 80),
+        ({f"{KOHYA_SD}.lora_down.weight": (4, 32)}, {"ss_base_model_version": "sd_v1"}, "sd1", 32),
         (
             {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 32)},
             {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"},
             "sdxl",
             None,
         ),
-        (
-            {
-                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": (
-                    4,
-                    32,
-                )
-            },
-            {},
-            None,
-            32,
-        ),
+        ({f"{KOHYA_SD}.lora_down.weight": (4, 32)}, {}, None, 32),
     ],
 )
 def test_lora_family(shapes, metadata, family, width):
