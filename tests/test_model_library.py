@@ -216,7 +216,9 @@ def test_a_tree_of_large_files_is_listed_from_headers_only(library_files, tmp_pa
     print(
         f"listing 50 files (20 × 2 GB): {first * 1000:.1f} ms, again {again * 1000:.1f} ms; {headers} header bytes read"
     )
-    assert first < 0.5 and again < 0.1
+    # 40-60 ms on an idle machine (parsing the headers' JSON is most of it); the bounds leave room
+    # for a busy one. Reading the 40 GB of data instead would take minutes.
+    assert first < 1.0 and again < 0.25
 
 
 def test_new_changed_and_removed_files_are_seen_on_the_next_listing(library_files, tmp_path):
