@@ -1,7 +1,7 @@
 """`collage-bridge` / `python -m bridge_server`: run the bridge.
 
     collage-bridge [--host 127.0.0.1] [--port 7870] [--model demo] [--allow-model REF ...]
-                   [--data-dir DIR] [--token TOKEN] [--preload] [--verbose]
+                   [--models-dir DIR ...] [--data-dir DIR] [--token TOKEN] [--preload] [--verbose]
 
 Binding to anything but this machine (e.g. --host 0.0.0.0) needs a token; the token may also come
 from the COLLAGE_BRIDGE_TOKEN environment variable (kept out of the process list). Only our own
@@ -43,6 +43,15 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         metavar="REF",
         help="another model requests may choose by this exact name (repeatable)",
+    )
+    p.add_argument(
+        "--models-dir",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="a ComfyUI or A1111/Forge folder (or a plain folder) of models: requests may choose its "
+        "checkpoints by their path in it, /info lists its LoRAs, embeddings and ControlNets (repeatable)",
     )
     p.add_argument("--data-dir", type=Path, help=f"job records and results (default: {default_data_dir()})")
     p.add_argument("--token", help=f"require 'Authorization: Bearer TOKEN' (or set {TOKEN_ENV})")
@@ -100,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
         port=args.port,
         model=args.model,
         allowed_models=tuple(args.allow_model),
+        models_dirs=tuple(args.models_dir),
         token=args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None,
         preload=args.preload,
         device=args.device,
@@ -143,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     where = f"http://{config.host}:{config.port}"
     print(
         f"Collage bridge on {where} - model {config.model!r}, data in {config.data_dir}"
+        + (f", models from {', '.join(map(str, config.models_dirs))}" if config.models_dirs else "")
         + (", token required" if config.token else ""),
         flush=True,
     )

@@ -35,6 +35,9 @@ class BridgeConfig:
     port: int = wire.DEFAULT_PORT
     model: str = wire.DEFAULT_MODEL  # the default model, used when a request names none
     allowed_models: tuple[str, ...] = ()  # further models a request may name (--allow-model)
+    # Model folders (--models-dir): their checkpoints may be named too, by library name
+    # (core/model_library.py); their LoRAs, embeddings and ControlNets are listed in /info.
+    models_dirs: tuple[Path, ...] = ()
     data_dir: Path = field(default_factory=default_data_dir)
     token: str | None = None
     # Settings of the engine's pieces (core.options.EngineOptions fields): attention schedule,
@@ -58,10 +61,12 @@ class BridgeConfig:
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
         self.allowed_models = tuple(dict.fromkeys(self.allowed_models))
+        self.models_dirs = tuple(Path(d).expanduser() for d in self.models_dirs)
 
     @property
     def models(self) -> list[str]:
-        """Every model a request may name, the default first."""
+        """The models named on the command line, the default first (the model folders'
+        checkpoints come on top: `catalog.ModelCatalog.names`)."""
         return list(dict.fromkeys([self.model, *self.allowed_models]))
 
     def problems(self) -> list[str]:
@@ -78,6 +83,7 @@ class BridgeConfig:
                 p.append(f"--token: must be at least {MIN_TOKEN_CHARS} characters for a network bind")
         if self.token is not None and not self.token.strip():
             p.append("--token: must not be empty")
+        p += [f"--models-dir {d}: not a folder" for d in self.models_dirs if not d.is_dir()]
         if not 0 <= self.port < 65536:
             p.append(f"--port: must be in 0..65535 (0: any free port), got {self.port}")
         return p

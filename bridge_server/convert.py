@@ -18,6 +18,7 @@ from core.collage import Collage, CollageError, Layer
 from core.sizing import validate_any_size
 from krita_plugin.collage_diffusion import wire
 
+from .catalog import ModelCatalog
 from .config import BridgeConfig
 
 
@@ -55,7 +56,7 @@ def engine_supports_regenerate() -> bool:
     return hasattr(core.generate, "Regenerate") and "regenerate" in params
 
 
-def parse_request(body: bytes, config: BridgeConfig) -> wire.JobRequest:
+def parse_request(body: bytes, config: BridgeConfig, catalog: ModelCatalog) -> wire.JobRequest:
     """Read and validate the JSON body (no pixels decoded yet). Raises `RequestProblems`."""
     try:
         request = wire.JobRequest.from_json(body)
@@ -63,17 +64,20 @@ def parse_request(body: bytes, config: BridgeConfig) -> wire.JobRequest:
         unreadable = any(p.startswith("body:") for p in error.problems)
         raise RequestProblems(error.problems, status=400 if unreadable else 422) from None
     problems = request.validate(config.limits)
-    problems += model_problems(request.model, config)
+    problems += model_problems(request.model, config, catalog)
     if problems:
         raise RequestProblems(problems)
     return request
 
 
-def model_problems(model: object, config: BridgeConfig) -> list[str]:
-    if model is None or not isinstance(model, str) or model in config.models:
+def model_problems(model: object, config: BridgeConfig, catalog: ModelCatalog) -> list[str]:
+    if model is None or not isinstance(model, str) or catalog.allows(model):
         return []  # a non-string is reported by validate
+    allowed = ", ".join(map(repr, config.models))
+    if catalog.library is not None:
+        allowed += " and the model folders' checkpoints listed in /info"
     return [
-        f"model: {model!r} is not a model of this bridge; it allows {', '.join(map(repr, config.models))}"
+        f"model: {model!r} is not a model of this bridge; it allows {allowed}"
         " (a request cannot name a file on the server)"
     ]
 

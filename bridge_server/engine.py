@@ -44,18 +44,26 @@ class Engine:
     remembers the last one it got (holding more would keep released models alive).
     """
 
-    def __init__(self, device: str | None = None, options: dict | None = None):
+    def __init__(
+        self,
+        device: str | None = None,
+        options: dict | None = None,
+        resolve: Callable[[str], tuple[str, str | None]] | None = None,
+    ):
         self.device = device
+        # A request's model name -> (reference, config folder) for core; `catalog.ModelCatalog`.
+        self.resolve = resolve or (lambda name: (name, None))
         self.options = options or {}  # core.options.EngineOptions fields (attention, ControlNet)
         self.current = None  # core.models.LoadedModel
         self._peeked: dict[str, tuple] = {}  # ref -> (family, native size) read from its files
         self.current_ref: str | None = None
 
-    def load(self, ref: str):
+    def load(self, name: str):
         from core.models import load_pipeline
 
-        model = load_pipeline(ref, device=self.device)
-        self.current, self.current_ref = model, ref
+        ref, config = self.resolve(name)
+        model = load_pipeline(ref, device=self.device, config=config)
+        self.current, self.current_ref = model, name
         return model
 
     def run(self, req: RunRequest) -> GenerationResult:

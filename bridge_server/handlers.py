@@ -116,12 +116,13 @@ async def health(request: web.Request) -> web.Response:
 async def info(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     manager = _manager(request)
+    await manager.refresh_models()
     live = manager.info()
     response = wire.InfoResponse(
         api_version=wire.API_VERSION,
         version=_bridge_version(),
         model=config.model,
-        models=config.models,
+        models=live["models"],
         model_loaded=live["model_loaded"],
         device=live["device"],
         dtype=live["dtype"],
@@ -130,6 +131,7 @@ async def info(request: web.Request) -> web.Response:
         versions=_versions(),
         limits=config.limits.to_dict(),
         model_details=live["model_details"],
+        **live["library"],
     )
     return json_ok(response.to_dict())
 

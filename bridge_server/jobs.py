@@ -26,6 +26,7 @@ from core.generate import GenerationResult
 from core.progress import GenerationCancelled, Progress
 from krita_plugin.collage_diffusion import wire
 
+from .catalog import ModelCatalog
 from .config import BridgeConfig
 from .convert import Converted, RequestProblems, parse_request, to_collage
 from .engine import Engine, RunJob, RunRequest
@@ -78,7 +79,8 @@ def _variants_of(p: Progress) -> tuple[int, int]:
 class JobManager:
     def __init__(self, config: BridgeConfig, run_job: RunJob | None = None, engine: Engine | None = None):
         self.config = config
-        self.engine = engine or Engine(config.device, config.engine_options)
+        self.catalog = ModelCatalog(config)
+        self.engine = engine or Engine(config.device, config.engine_options, self.catalog.resolve)
         self.run_job: RunJob = run_job or self.engine.run
         self.store = JobStore(config.data_dir)
         self.jobs: dict[str, Job] = {}  # in creation order
@@ -157,7 +159,7 @@ class JobManager:
             return await loop.run_in_executor(None, self._decode_sync, body)
 
     def _decode_sync(self, body: bytes) -> Converted:
-        request = parse_request(body, self.config)
+        request = parse_request(body, self.config, self.catalog)
         converted = to_collage(request, self.config)
         return converted
 
@@ -266,10 +268,17 @@ class JobManager:
             log.info("cleanup removed %d finished jobs", len(ids))
         return ids
 
+    async def refresh_models(self) -> None:
+        """List the model folders off the event loop (new headers may have to be read)."""
+        await asyncio.get_running_loop().run_in_executor(None, self.catalog.refresh)
+
     def info(self) -> dict:
         loaded, device, dtype = self.engine.describe(self.config.model)
+        names = self.catalog.names()
         return {
-            "model_details": [self.engine.details(ref) for ref in self.config.models],
+            "models": names,
+            "model_details": [self.catalog.details(name, self.engine) for name in names],
+            "library": self.catalog.listing(),
             "model_loaded": loaded,
             "device": device,
             "dtype": dtype,

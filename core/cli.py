@@ -1,6 +1,6 @@
 """`collage`: generate from a layered document on the command line.
 
-    collage generate INPUT -o OUT.png [--model demo] [--steps 30] [--seed 0] [--variants 1] [-v]
+    collage generate INPUT -o OUT.png [--model demo] [--models-dir DIR] [--steps 30] [--seed 0] [--variants 1] [-v]
     collage inspect INPUT [-v]
 
 INPUT is an OpenRaster .ora (Krita saves these), a .psd/.psb, or a folder with collage.toml/json.
@@ -40,7 +40,17 @@ def _parser() -> argparse.ArgumentParser:
         "-o", "--output", type=Path, required=True, help="result .png (or .ora: input layers + result)"
     )
     gen.add_argument(
-        "--model", default="demo", help="'demo', a hub id, a diffusers folder or a .safetensors/.ckpt file"
+        "--model",
+        default="demo",
+        help="'demo', a hub id, a diffusers folder, a .safetensors/.ckpt file, or a checkpoint's name in --models-dir",
+    )
+    gen.add_argument(
+        "--models-dir",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="a ComfyUI or A1111/Forge folder (or a plain folder) of models, named by their path in it (repeatable)",
     )
     gen.add_argument(
         "--model-config", help="for a single-file model: a diffusers folder or hub id with its config"
@@ -165,6 +175,29 @@ class _PhaseBars:
             self._bar = None
 
 
+def _model_reference(args) -> tuple[str, Path | None]:
+    """--model as core loads it: a checkpoint of --models-dir by its name becomes its path (and
+    sidecar config); "demo", a path or a hub id stay what they are."""
+    if not args.models_dir:
+        return args.model, None
+    from .model_library import ModelLibrary, resolve_model_name
+    from .model_sources import looks_like_path
+    from .weight_files import CHECKPOINT
+
+    library = ModelLibrary(args.models_dir)
+    if library.problems():
+        raise ValueError("; ".join(library.problems()))
+    ref, config = resolve_model_name(args.model, library)
+    if ref == args.model and looks_like_path(ref) and not Path(ref).expanduser().exists():
+        names = [e.name for e in library.entries(CHECKPOINT) if e.usable]
+        shown = ", ".join(names[:20]) + (f", … ({len(names)} in all)" if len(names) > 20 else "")
+        raise ValueError(
+            f"--model {args.model!r}: no such file, nor a checkpoint in --models-dir "
+            f"(which has: {shown or 'none'})"
+        )
+    return ref, config
+
+
 def _generate(args) -> int:
     from .formats import load_collage, save_ora, save_png
     from .models import load_pipeline
@@ -185,8 +218,9 @@ def _generate(args) -> int:
     # multiple of 8 is fine: it is generated at a size that is, and scaled back.
     validate_any_size(collage)
 
-    print(f"loading model {args.model!r}…", file=sys.stderr)
-    model = load_pipeline(args.model, device=args.device, config=args.model_config)
+    ref, config = _model_reference(args)
+    print(f"loading model {args.model!r}" + (f" ({ref})" if ref != args.model else "") + "…", file=sys.stderr)
+    model = load_pipeline(ref, device=args.device, config=args.model_config or config)
     options = EngineOptions(
         attention_schedule=args.attention_schedule,
         controlnet=args.controlnet,

@@ -193,7 +193,7 @@ def _resolve_config(config: str | os.PathLike[str] | None) -> str | None:
     return str(folder)
 
 
-def _checkpoint_problem(keys: list[str]) -> str | None:
+def model_checkpoint_problem(keys: list[str]) -> str | None:
     """Why these state-dict keys are not a full checkpoint of some model family, or None if they
     look like one (`checkpoint_file_family` then says which family, or why it is not supported)."""
     if any(k.startswith(("model.diffusion_model.", "conditioner.", "double_blocks.")) for k in keys):
@@ -210,7 +210,7 @@ def _checkpoint_problem(keys: list[str]) -> str | None:
 def check_checkpoint_file(path: Path, problem_of=None, what: str = "a model") -> None:
     """Reject files that cannot be `what`, cheaply: safetensors headers are read, not weights.
     `problem_of(keys)` says why a set of weight names is not `what` (None: it is)."""
-    problem_of = problem_of or _checkpoint_problem
+    problem_of = problem_of or model_checkpoint_problem
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 

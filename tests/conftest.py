@@ -62,3 +62,12 @@ def tiny_sdxl(tiny_sdxl_dir):
     from core.models import load_pipeline
 
     return load_pipeline(tiny_sdxl_dir)
+
+
+@pytest.fixture(scope="session")
+def library_files(demo_model_dir, tiny_sdxl_dir, tmp_path_factory):
+    """Model files of every kind for the model library's tests (tests/library_files.py), written
+    once per session: name -> path."""
+    from tests.library_files import make_library_files
+
+    return make_library_files(tmp_path_factory.mktemp("library-files"), demo_model_dir, tiny_sdxl_dir)

@@ -226,3 +226,27 @@ def test_status_and_event_round_trip():
     # A newer bridge may send fields this client does not know.
     assert wire.JobStatus.from_dict({**status.to_dict(), "new_field": 1}) == status
     assert wire.route(wire.ROUTE_JOB_RESULT, job_id="ab", index=2) == "/jobs/ab/results/2"
+
+
+def test_info_round_trip_with_the_model_library():
+    lora = wire.LibraryEntry("xl/detail.safetensors", "lora", "sdxl", "Stable Diffusion XL", 1234)
+    broken = wire.LibraryEntry("broken.safetensors", "checkpoint", size=10, error="an incomplete download?")
+    info = wire.InfoResponse(
+        1, "x", "demo", ["demo"], False, "cpu", "float32", 0, None, {}, {}, checkpoints=[broken], loras=[lora]
+    )
+    data = json.loads(json.dumps(info.to_dict()))
+    assert data["loras"][0] == {
+        "name": "xl/detail.safetensors",
+        "kind": "lora",
+        "family": "sdxl",
+        "family_label": "Stable Diffusion XL",
+        "size": 1234,
+        "error": "",
+    }
+    assert wire.InfoResponse.from_dict(data) == info
+    # A bridge without model folders (or from before them) sends none of the library fields;
+    # a newer one may add fields to an entry.
+    old = {k: v for k, v in data.items() if k not in ("checkpoints", "loras", "embeddings", "controlnets")}
+    assert wire.InfoResponse.from_dict(old).loras == []
+    data["loras"][0]["hash"] = "abc"
+    assert wire.InfoResponse.from_dict(data).loras == [lora]

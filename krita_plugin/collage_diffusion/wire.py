@@ -74,10 +74,12 @@ from .wire_request import (
     layer_from_rgba,
 )
 from .wire_responses import (
+    LIBRARY_KINDS,
     ErrorResponse,
     EventsResponse,
     InfoResponse,
     JobStatus,
+    LibraryEntry,
     ModelDetails,
     ProgressEvent,
     ProgressInfo,
@@ -106,7 +108,9 @@ __all__ = [
     "InfoResponse",
     "JobRequest",
     "JobStatus",
+    "LIBRARY_KINDS",
     "LayerSpec",
+    "LibraryEntry",
     "Limits",
     "ModelDetails",
     "PHASES",

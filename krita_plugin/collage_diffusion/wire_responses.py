@@ -168,6 +168,30 @@ class ModelDetails:
         return _known(cls, data)
 
 
+#: Kinds of the model library's entries (a bridge started with --models-dir lists them in /info).
+LIBRARY_KINDS = ("checkpoint", "lora", "embedding", "controlnet")
+
+
+@dataclass
+class LibraryEntry:
+    """A file or folder of the bridge's model folders (--models-dir), read from its header only.
+    Requests name it by `name` (the bridge finds the file; no path crosses the wire)."""
+
+    name: str  # its path relative to its kind's folder, forward slashes: "sdxl/illustrious.safetensors"
+    kind: str  # one of LIBRARY_KINDS
+    family: str = ""  # "sd1", "sd2", "sdxl"; "" when its header does not tell
+    family_label: str = ""  # for people: "Stable Diffusion XL"
+    size: int = 0  # bytes
+    error: str = ""  # why it cannot be used ("" when it can): a LoRA among checkpoints, a damaged file
+
+    def to_dict(self) -> dict:
+        return _encode(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LibraryEntry:
+        return _known(cls, data)
+
+
 @dataclass
 class InfoResponse:
     api_version: int
@@ -182,6 +206,13 @@ class InfoResponse:
     versions: dict[str, str]  # python, torch, diffusers, aiohttp, ...
     limits: dict
     model_details: list[ModelDetails] = field(default_factory=list)  # one per entry of `models`
+    # The model folders' contents (empty without --models-dir, and from bridges before them).
+    # `models` holds the usable checkpoints' names; `checkpoints` every one, unusable ones with
+    # their `error`.
+    checkpoints: list[LibraryEntry] = field(default_factory=list)
+    loras: list[LibraryEntry] = field(default_factory=list)
+    embeddings: list[LibraryEntry] = field(default_factory=list)
+    controlnets: list[LibraryEntry] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return _encode(self)
@@ -189,13 +220,24 @@ class InfoResponse:
     @classmethod
     def from_dict(cls, data: dict) -> InfoResponse:
         data = dict(data)
-        data["model_details"] = [ModelDetails.from_dict(d) for d in data.get("model_details", [])]
+        data["model_details"] = [ModelDetails.from_dict(d) for d in data.get("model_details") or []]
+        for key in _LIBRARY_FIELDS:
+            data[key] = [LibraryEntry.from_dict(e) for e in data.get(key) or []]
         return _known(cls, data)
 
     def details(self, name: str | None = None) -> ModelDetails | None:
         """The details of a model (the default one when `name` is None), if the bridge sent them."""
         name = name or self.model
         return next((d for d in self.model_details if d.name == name), None)
+
+
+#: InfoResponse's field for each library kind.
+_LIBRARY_FIELDS = {
+    "checkpoints": "checkpoint",
+    "loras": "lora",
+    "embeddings": "embedding",
+    "controlnets": "controlnet",
+}
 
 
 @dataclass
