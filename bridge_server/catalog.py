@@ -16,6 +16,7 @@ from core.weight_files import CHECKPOINT, CONTROLNET, EMBEDDING, LORA
 from krita_plugin.collage_diffusion import wire
 
 from .config import BridgeConfig
+from .engine import model_details
 
 #: InfoResponse's field for each kind of library entry.
 INFO_FIELDS = {CHECKPOINT: "checkpoints", LORA: "loras", EMBEDDING: "embeddings", CONTROLNET: "controlnets"}
@@ -62,10 +63,7 @@ class ModelCatalog:
         entry = self._entry_of(name)
         if entry is None:
             return engine.details(name)
-        family = entry.family
-        if family is None:
-            return wire.ModelDetails(name, "", "", 0)
-        return wire.ModelDetails(name, family.id, family.label, entry.native_size, family.size_multiple)
+        return model_details(name, entry.family, entry.native_size)
 
     def listing(self) -> dict[str, list[wire.LibraryEntry]]:
         """InfoResponse's library fields (`checkpoints`, `loras`, ...), each entry by name."""

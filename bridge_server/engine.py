@@ -17,6 +17,14 @@ from core.progress import Progress
 from krita_plugin.collage_diffusion import wire
 
 
+def model_details(name: str, family, native_size: int) -> wire.ModelDetails:
+    """The wire's description of a model of `family` (a `core.families.ModelFamily`, or None
+    when it is not known yet)."""
+    if family is None:
+        return wire.ModelDetails(name, "", "", 0)
+    return wire.ModelDetails(name, family.id, family.label, native_size, family.size_multiple)
+
+
 @dataclass
 class RunRequest:
     """What the GPU thread gets for one job."""
@@ -119,9 +127,7 @@ class Engine:
 
                 self._peeked[ref] = peek_model(ref)
             family, native = self._peeked[ref]
-        if family is None:
-            return wire.ModelDetails(ref, "", "", 0)
-        return wire.ModelDetails(ref, family.id, family.label, native, family.size_multiple)
+        return model_details(ref, family, native)
 
     def describe(self, ref: str) -> tuple[bool, str, str]:
         """(loaded, device, dtype) of a model: where it runs, or where it will once loaded."""
