@@ -1,5 +1,8 @@
 """Does each Collage Diffusion piece improve its own fidelity measure? A table on held-out collages.
 
+(One file past ~500 lines on purpose: one measure per piece, each a short function, all sharing
+the held-out collages and the table; a script people run and read as one page.)
+
 The collages are built from the synthetic vocabulary the demo model was trained on
 (`training.data`), from a seed the training never used, so every object has a known colour,
 shape, texture and mask. For each measure the plain composite + SDEdit baseline is compared with

@@ -1,4 +1,8 @@
-"""Reading and writing collage documents (core.formats): ORA, PSD, folder manifests, examples."""
+"""Reading and writing collage documents (core.formats): ORA, PSD, folder manifests, examples.
+
+(Past ~500 lines: the formats share their document builders and expectations; the awkward sizes
+and layer kinds are in test_formats_sweep.py.)
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 messages, the local-bridge config, and the document walk on stand-in nodes.
 
 These run on the project's Python (no PyQt): the modules must import without Krita or Qt.
+(Past ~500 lines: one short test module per plugin module would repeat the same fixtures; the
+sections below follow the plugin's modules.)
 """
 
 from __future__ import annotations

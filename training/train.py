@@ -1,5 +1,8 @@
 """Train the demo model: a tiny Stable-Diffusion-shaped latent text-to-image model, on CPU.
 
+(One file past ~500 lines on purpose: the three stages of one run share its data, settings and
+checkpoints, and the recipe reads best top to bottom, as docs/demo_model.md describes it.)
+
 Two stages, one run:
 
 1. **VAE** – an `AutoencoderKL` (factor 8, 4 latent channels, like SD's) learns to reconstruct

@@ -1,5 +1,8 @@
 """The plugin inside real Krita: run by ``kritarunner -s krita_suite`` (tests/test_plugin_krita.py).
 
+(One module past ~500 lines on purpose: kritarunner runs one module per Krita start, and Krita
+starts in seconds, so every in-Krita check lives here and runs in one start.)
+
 Environment:
     COLLAGE_TEST_REPORT   where to write the JSON report (required)
     COLLAGE_TEST_BRIDGE   the bridge's URL (a bridge on the demo model); checks that need it
