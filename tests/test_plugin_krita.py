@@ -42,6 +42,7 @@ CHECKS = [
     "ora_settings_come_with_the_file",
     "generate_writes_new_layers",
     "auto_size_follows_the_model",
+    "generate_on_sdxl",
     "regenerate_changes_only_that_layer",
     "regenerate_after_reopen_uses_the_result_layer",
     "cancel_stops_and_writes_nothing",
@@ -53,18 +54,20 @@ CHECKS = [
 
 
 @pytest.fixture(scope="module")
-def krita_report(demo_model_dir, tmp_path_factory):
-    """Runs every check inside Krita once; the JSON report."""
+def krita_report(demo_model_dir, tiny_sdxl_dir, tmp_path_factory):
+    """Runs every check inside Krita once, with a bridge on the demo model and one on the tiny
+    SDXL; the JSON report."""
     tmp = tmp_path_factory.mktemp("krita")
     config = tmp / "collage_diffusion_bridge.json"
     config.write_text(json.dumps({"python": sys.executable, "project": str(ROOT), "model": "demo"}))
     report = tmp / "report.json"
-    with harness.bridge(tmp / "bridge") as url:
+    with harness.bridge(tmp / "bridge") as url, harness.bridge(tmp / "sdxl", model=str(tiny_sdxl_dir)) as xl:
         env = harness.throwaway_home(
             tmp / "home",
             PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "krita"), str(ROOT / "krita_plugin")]),
             COLLAGE_TEST_REPORT=str(report),
             COLLAGE_TEST_BRIDGE=url,
+            COLLAGE_TEST_SDXL_BRIDGE=xl,
             COLLAGE_TEST_DIR=str(tmp / "scratch"),
             COLLAGE_BRIDGE_CONFIG=str(config),
             COLLAGE_TEST_LOCAL_PORT=str(harness.free_port()),

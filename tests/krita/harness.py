@@ -66,8 +66,8 @@ def throwaway_home(home: Path, **extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def bridge(data_dir: Path, timeout: float = 120.0):
-    """A bridge on the demo model on a free port, its model loaded; yields its URL.
+def bridge(data_dir: Path, timeout: float = 120.0, model: str | None = None):
+    """A bridge on the demo model (or `model`) on a free port, its model loaded; yields its URL.
 
     COLLAGE_CACHE comes from the environment (the demo_model_dir fixture sets it)."""
     port = free_port()
@@ -84,6 +84,7 @@ def bridge(data_dir: Path, timeout: float = 120.0):
                 "--data-dir",
                 str(data_dir),
                 "--preload",
+                *(["--model", model] if model else []),
             ],
             cwd=ROOT,
             stdout=log,

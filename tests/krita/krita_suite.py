@@ -187,10 +187,10 @@ def assert_eq(actual, expected, what: str) -> None:
         raise AssertionError(f"{what}: expected {expected!r}, got {actual!r}")
 
 
-def make_model():
+def make_model(url: str | None = None):
     from collage_diffusion.model import CONNECTED, CollageModel
 
-    model = CollageModel(os.environ["COLLAGE_TEST_BRIDGE"])
+    model = CollageModel(url or os.environ["COLLAGE_TEST_BRIDGE"])
     model.check_connection().wait(15)
     if model.state != CONNECTED:
         raise AssertionError(f"cannot connect to the test bridge: {model.state_text}")
@@ -512,6 +512,38 @@ def auto_size_follows_the_model(report):
         bounds = result_layers(doc)[0].bounds()
         assert_eq((bounds.width(), bounds.height()), (doc.width(), doc.height()), "result layer size")
         report["detail"] = f"document {doc.width()}×{doc.height()}, generated {w}×{h}"
+    finally:
+        doc.close()
+
+
+@check(needs_bridge=True)
+def generate_on_sdxl(report):
+    """The dock on a bridge whose model is an SDXL (the tiny one): /info says so, the auto size is
+    the family's (multiples of 64 near its native size), the result arrives as a new layer."""
+    url = os.environ.get("COLLAGE_TEST_SDXL_BRIDGE")
+    if not url:
+        raise Skip("no SDXL bridge (COLLAGE_TEST_SDXL_BRIDGE)")
+    doc = build_document()
+    try:
+        set_prompt(doc, "a red sign, a cat and a ball", size_policy="auto", cat="cat", ball="red ball")
+        before = fingerprint(doc)
+        model = make_model(url)
+        details = model.info.details()
+        assert_eq((details.family, details.native_size, details.size_multiple), ("sdxl", 256, 64), "details")
+        if not model.generate(doc, "generate"):
+            raise AssertionError(f"generate did not start: {model.last_error}")
+        model.wait_idle(120)
+        assert_eq(model.last_error, "", "generate error")
+        w, h, _data = decode_bgra(model.results_for(doc).entries[0].png)
+        assert_eq((w, h), (256, 256), "generated at the SDXL model's size")
+        layers = result_layers(doc)
+        assert_eq(len(layers), 1, "result layers")
+        bounds = layers[0].bounds()
+        assert_eq((bounds.width(), bounds.height()), (doc.width(), doc.height()), "result layer size")
+        assert_eq(fingerprint(doc), before, "user layers after generate")
+        report["detail"] = (
+            f"document {doc.width()}×{doc.height()}, generated {w}×{h} on {details.family_label}"
+        )
     finally:
         doc.close()
 
