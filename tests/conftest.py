@@ -17,6 +17,27 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def offline(monkeypatch):
+    """Hub offline mode, and every attempt to open a network connection refused and recorded:
+    a test using it fails if loading tried to reach the network."""
+    import socket
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    attempts = []
+
+    def refuse(sock, address):
+        attempts.append(address)
+        raise OSError(f"test: no network ({address})")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    yield attempts
+    assert attempts == [], f"loading tried to reach the network: {attempts}"
+
+
 # --- models: the demo model, built once per session (core/models.py, core/demo_model.py) ---
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 
 import numpy as np
 import pytest
@@ -51,24 +50,6 @@ def tiny_controlnet(controlnet_dir):
 @pytest.fixture
 def controlnet(tiny_sdxl, controlnet_dir):
     return wrap_controlnet(tiny_controlnet(controlnet_dir), tiny_sdxl, "tiny-sdxl")
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """Hub offline mode, and every attempt to open a network connection refused and recorded."""
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    attempts = []
-
-    def refuse(sock, address):
-        attempts.append(address)
-        raise OSError(f"test: no network ({address})")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    yield attempts
-    assert attempts == [], f"loading tried to reach the network: {attempts}"
 
 
 def block(w, h, color, inner=None):

@@ -1,8 +1,6 @@
 """Single-file SDXL (and SD 2.x) checkpoints: the LDM exporter's SGM/OpenCLIP layout, family
 detection from the file's keys, and offline loading that round-trips every weight."""
 
-import socket
-
 import numpy as np
 import pytest
 import torch
@@ -19,23 +17,6 @@ COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """Hub offline mode, and every attempt to open a network connection recorded and refused."""
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    attempts = []
-
-    def refuse(sock, address):
-        attempts.append(address)
-        raise OSError(f"test: no network ({address})")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    yield attempts
-    assert attempts == [], f"loading tried to reach the network: {attempts}"
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, name: str) -> None:
