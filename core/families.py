@@ -82,8 +82,6 @@ class ModelFamily:
     canny_controlnet: str | None = None  # a hub id to suggest when a ControlNet does not fit
     # Folder under core/assets/configs with the family's ControlNet config.json (single files).
     controlnet_config_name: str | None = None
-    # Sizes (width, height) the family was trained on besides the native square.
-    buckets: tuple[tuple[int, int], ...] = ()
     # Rough GPU memory of one image in a U-Net batch (plus its decode), per latent pixel, in
     # half precision: sizes variant batches (an out-of-memory error halves them). Estimates, not
     # measured on a GPU here: SDXL's deep stacks and float32 VAE decode cost more than SD 1.5's.
@@ -255,16 +253,6 @@ SDXL = StableDiffusionXLFamily(
     canny_controlnet="diffusers/controlnet-canny-sdxl-1.0",
     bytes_per_latent_pixel=250_000,
     controlnet_config_name="sdxl-controlnet",
-    buckets=(
-        (1152, 896),
-        (896, 1152),
-        (1216, 832),
-        (832, 1216),
-        (1344, 768),
-        (768, 1344),
-        (1536, 640),
-        (640, 1536),
-    ),
 )
 
 FAMILIES: dict[str, ModelFamily] = {f.id: f for f in (SD1, SD2, SDXL)}
