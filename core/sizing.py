@@ -53,11 +53,7 @@ def generation_size(
         return wire_sizes.round8(width), wire_sizes.round8(height)
     if policy != "auto":
         raise ValueError(f"unknown size policy {policy!r} (use {', '.join(SIZE_POLICIES)} or WxH)")
-    w, h = wire_sizes.auto_size(native_size, size_multiple, width, height)
-    # A long thin canvas scaled to the native area (2000×64 → 360×8 for 64²) would get a side
-    # under 64, or over 8192: the engine takes 64..8192, so such a side is clamped.
-    least, most = -(-64 // size_multiple) * size_multiple, 8192 // size_multiple * size_multiple
-    return min(max(w, least), most), min(max(h, least), most)
+    return wire_sizes.auto_size(native_size, size_multiple, width, height)
 
 
 def validate_any_size(collage: Collage) -> None:

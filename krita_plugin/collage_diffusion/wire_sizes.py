@@ -28,8 +28,12 @@ def nearest_size(native: int, multiple: int, width: int, height: int) -> tuple[i
 
 
 def auto_size(native: int, multiple: int, width: int, height: int) -> tuple[int, int]:
-    """The canvas (rounded to multiples of 8) when its area is near native², else `nearest_size`."""
+    """The canvas (rounded to multiples of 8) when its area is near native², else `nearest_size`,
+    each side kept within the engine's 64..8192 (a long thin canvas scaled to the native area,
+    2000×64 for a 64² model, would otherwise get a side of 8)."""
     ratio = width * height / float(native * native)
     if 1.0 / AUTO_TOLERANCE <= ratio <= AUTO_TOLERANCE:
         return round8(width), round8(height)
-    return nearest_size(native, multiple, width, height)
+    w, h = nearest_size(native, multiple, width, height)
+    least, most = -(-64 // multiple) * multiple, 8192 // multiple * multiple
+    return min(max(w, least), most), min(max(h, least), most)
