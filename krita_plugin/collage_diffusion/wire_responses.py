@@ -12,6 +12,22 @@ from .wire_png import b64decode
 from .wire_protocol import FINISHED_STATES
 
 
+class _Message:
+    """What every message record shares: JSON out (`to_dict`, `to_json`) and a lenient read
+    (`from_dict` keeps the fields it knows: a newer peer may send more). Records with nested
+    records override `from_dict`."""
+
+    def to_dict(self) -> dict:
+        return _encode(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        return _known(cls, data)
+
+
 @dataclass
 class ProgressInfo:
     """Where a running job is: `step` of `total` in `phase`, for the batch of variants that
@@ -37,7 +53,7 @@ class ResultInfo:
 
 
 @dataclass
-class JobStatus:
+class JobStatus(_Message):
     """A job as the bridge keeps it (also its record on disk). Times are Unix seconds."""
 
     id: str
@@ -65,12 +81,6 @@ class JobStatus:
     def finished_state(self) -> bool:
         return self.state in FINISHED_STATES
 
-    def to_dict(self) -> dict:
-        return _encode(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
     @classmethod
     def from_dict(cls, data: dict) -> JobStatus:
         data = dict(data)
@@ -85,7 +95,7 @@ class JobStatus:
 
 
 @dataclass
-class ProgressEvent:
+class ProgressEvent(_Message):
     """One event of a job, numbered from 1 by `seq` in the order they happened.
 
     kind "state": the job entered `state` (`message` says why for failed/cancelled).
@@ -107,12 +117,6 @@ class ProgressEvent:
     message: str = ""
     preview: bytes | None = None
 
-    def to_dict(self) -> dict:
-        return _encode(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
     @classmethod
     def from_dict(cls, data: dict) -> ProgressEvent:
         data = dict(data)
@@ -126,7 +130,7 @@ class ProgressEvent:
 
 
 @dataclass
-class EventsResponse:
+class EventsResponse(_Message):
     """Answer of the long poll: events after the asked-for sequence number, and the job's state.
 
     `done` is true once the job has finished: then no more events come (fetch the results).
@@ -138,9 +142,6 @@ class EventsResponse:
     last_seq: int
     events: list[ProgressEvent] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
-        return _encode(self)
-
     @classmethod
     def from_dict(cls, data: dict) -> EventsResponse:
         data = dict(data)
@@ -149,23 +150,15 @@ class EventsResponse:
 
 
 @dataclass
-class ModelDetails:
+class ModelDetails(_Message):
     """What the dock needs to know of a model a request may name (from its files, not loaded)."""
 
     name: str  # as in InfoResponse.models
-    family: (
-        str  # "sd1", "sd2", "sdxl"; "" when it cannot be told before loading (a hub id not yet downloaded)
-    )
+    # "sd1", "sd2", "sdxl"; "" when it cannot be told before loading (a hub id not yet downloaded)
+    family: str
     family_label: str  # for people: "Stable Diffusion XL"
     native_size: int  # the side of the square it was trained at (pixels); 0 when unknown
     size_multiple: int = 8  # generation sizes are multiples of this
-
-    def to_dict(self) -> dict:
-        return _encode(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ModelDetails:
-        return _known(cls, data)
 
 
 #: Kinds of the model library's entries (a bridge started with --models-dir lists them in /info).
@@ -173,7 +166,7 @@ LIBRARY_KINDS = ("checkpoint", "lora", "embedding", "controlnet")
 
 
 @dataclass
-class LibraryEntry:
+class LibraryEntry(_Message):
     """A file or folder of the bridge's model folders (--models-dir), read from its header only.
     Requests name it by `name` (the bridge finds the file; no path crosses the wire)."""
 
@@ -184,16 +177,9 @@ class LibraryEntry:
     size: int = 0  # bytes
     error: str = ""  # why it cannot be used ("" when it can): a LoRA among checkpoints, a damaged file
 
-    def to_dict(self) -> dict:
-        return _encode(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> LibraryEntry:
-        return _known(cls, data)
-
 
 @dataclass
-class InfoResponse:
+class InfoResponse(_Message):
     api_version: int
     version: str  # the bridge's version
     model: str  # the default model
@@ -213,9 +199,6 @@ class InfoResponse:
     loras: list[LibraryEntry] = field(default_factory=list)
     embeddings: list[LibraryEntry] = field(default_factory=list)
     controlnets: list[LibraryEntry] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return _encode(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> InfoResponse:
@@ -241,12 +224,9 @@ _LIBRARY_FIELDS = {
 
 
 @dataclass
-class ErrorResponse:
+class ErrorResponse(_Message):
     """Every 4xx/5xx answer: a sentence, and the per-field problems when there are several."""
 
     status: int
     error: str
     problems: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return _encode(self)
