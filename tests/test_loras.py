@@ -169,3 +169,52 @@ def test_lora_on_tiny_sdxl(tiny_sdxl, tmp_path):
     assert np.abs(changed.astype(int) - plain.astype(int)).mean() > 1.0
     assert_same_state(pipe, before)
     assert np.array_equal(image(tiny_sdxl, collage), plain)
+
+
+async def _run_png(client, request) -> bytes:
+    from bridge_server import testing as T
+    from krita_plugin.collage_diffusion import wire
+
+    r = await T.submit(client, request)
+    assert r.status == 202, await r.text()
+    done = await T.wait_done(client, (await r.json())["id"])
+    assert done.state == wire.DONE, (done.error, done.problems)
+    return await (await client.get(done.results[0].url)).read()
+
+
+@pytest.mark.asyncio
+async def test_the_bridge_applies_library_loras_by_name(
+    aiohttp_client, demo_pipeline, tiny_sdxl_dir, library_files, tmp_path
+):
+    from bridge_server import testing as T
+    from bridge_server.app import create_app
+    from bridge_server.config import BridgeConfig
+
+    loras = tmp_path / "models" / "loras"
+    loras.mkdir(parents=True)
+    save_kohya(peft_unet_lora(demo_pipeline.pipeline.unet, seed=3), loras / "demo-ink.safetensors")
+    (loras / "sd15-style.safetensors").write_bytes(library_files["lora-sd1"].read_bytes())
+    config = BridgeConfig(
+        data_dir=tmp_path / "bridge",
+        preview_interval=0.0,
+        models_dirs=(tmp_path / "models",),
+        allowed_models=(str(tiny_sdxl_dir),),
+    )
+    client = await aiohttp_client(create_app(config))
+
+    # An SD 1.5 LoRA on an SDXL model, and a name the bridge does not have: 422 naming the field.
+    xl_job = T.small_request(model=str(tiny_sdxl_dir), loras=[{"name": "sd15-style.safetensors"}])
+    r = await T.submit(client, xl_job)
+    problems = (await r.json())["problems"]
+    assert r.status == 422 and problems == [
+        "loras[0]: LoRA 'sd15-style.safetensors' was made for Stable Diffusion 1.x, not for the model"
+        " of this job (sdxl)"
+    ]
+    r = await T.submit(client, T.small_request(loras=[{"name": "demo-ink"}, {"name": str(loras)}]))
+    problems = (await r.json())["problems"]
+    assert r.status == 422 and [p.split(":")[0] for p in problems] == ["loras[0].name", "loras[1].name"]
+
+    plain = await _run_png(client, T.small_request(steps=3))
+    inked = await _run_png(client, T.small_request(steps=3, loras=[{"name": "demo-ink.safetensors"}]))
+    assert inked != plain
+    assert await _run_png(client, T.small_request(steps=3)) == plain  # unloaded after the job
