@@ -218,3 +218,41 @@ async def test_the_bridge_applies_library_loras_by_name(
     inked = await _run_png(client, T.small_request(steps=3, loras=[{"name": "demo-ink.safetensors"}]))
     assert inked != plain
     assert await _run_png(client, T.small_request(steps=3)) == plain  # unloaded after the job
+
+
+def test_cli_lora_by_file_and_by_name_with_weight(demo_pipeline, demo_loras, library_files, tmp_path, capsys):
+    from PIL import Image
+
+    from core.cli import main
+    from tests.test_cli import small_psd
+
+    doc = small_psd(tmp_path / "scene.psd")
+    models = tmp_path / "models"
+    (models / "loras").mkdir(parents=True)
+    (models / "loras" / "ink.safetensors").write_bytes(demo_loras["kohya"].read_bytes())
+    (models / "loras" / "xl.safetensors").write_bytes(library_files["lora-xl"].read_bytes())
+
+    def run(name: str, *extra: str) -> np.ndarray:
+        out = tmp_path / f"{name}.png"
+        args = ["generate", str(doc), "-o", str(out), "--steps", "3", "--models-dir", str(models), *extra]
+        assert main(args) == 0, capsys.readouterr().err
+        return np.asarray(Image.open(out))
+
+    plain = run("plain")
+    by_file = run("file", "--lora", f"{demo_loras['kohya']}:0.8")
+    by_name = run("name", "--lora", "ink.safetensors:0.8")
+    assert np.array_equal(by_file, by_name) and not np.array_equal(by_file, plain)
+    assert not np.array_equal(run("half", "--lora", "ink.safetensors:0.4"), by_name)
+
+    out = tmp_path / "refused.png"
+    args = ["generate", str(doc), "-o", str(out), "--models-dir", str(models)]
+    assert main([*args, "--lora", "xl.safetensors"]) == 2
+    assert (
+        "--lora xl.safetensors: LoRA 'xl.safetensors': was made for Stable Diffusion XL"
+        in capsys.readouterr().err
+    )
+    assert main([*args, "--lora", "nope:1"]) == 2
+    assert "--lora nope:1: no such file, nor a LoRA in --models-dir (which has: ink.safetensors" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()
