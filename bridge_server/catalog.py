@@ -74,6 +74,11 @@ class ModelCatalog:
             for kind, entries in self.library.listing().items()
         }
 
+    def find_lora(self, name: str) -> LibraryEntry | None:
+        """The usable library LoRA by this name (rescanning once when it is not listed)."""
+        entry = self.library.find(LORA, name) if self.library is not None else None
+        return entry if entry is not None and entry.usable else None
+
     def _checkpoints(self) -> list[LibraryEntry]:
         return self.library.entries(CHECKPOINT) if self.library is not None else []
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import inspect
 import io
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
 from core.collage import Collage, CollageError, Layer
+from core.loras import LoraSpec
 from core.sizing import validate_any_size
 from krita_plugin.collage_diffusion import wire
 
@@ -44,6 +45,7 @@ class Converted:
     regenerate_layer: int | None
     regenerate_dilation: int
     nbytes: int  # decoded pixels held until the job runs
+    loras: list[LoraSpec] = field(default_factory=list)
 
 
 def engine_supports_regenerate() -> bool:
@@ -80,6 +82,32 @@ def model_problems(model: object, config: BridgeConfig, catalog: ModelCatalog) -
         f"model: {model!r} is not a model of this bridge; it allows {allowed}"
         " (a request cannot name a file on the server)"
     ]
+
+
+def lora_specs(request: wire.JobRequest, catalog: ModelCatalog, model_family: str) -> list[LoraSpec]:
+    """The request's LoRAs as library files, each checked against the job's model family (its id,
+    "" when not known before loading: then only the engine's check at run time applies). Raises
+    `RequestProblems` naming `loras[i]`."""
+    problems: list[str] = []
+    specs = []
+    for i, item in enumerate(request.loras):
+        where, name = f"loras[{i}]", item["name"]
+        entry = catalog.find_lora(name)
+        if entry is None:
+            problems.append(
+                f"{where}.name: {name!r} is not a LoRA of this bridge's model folders (see /info's loras)"
+            )
+            continue
+        if entry.family is not None and model_family and entry.family.id != model_family:
+            problems.append(
+                f"{where}: LoRA {name!r} was made for {entry.family.label}, not for the model of this job"
+                f" ({model_family})"
+            )
+            continue
+        specs.append(LoraSpec(entry.path, float(item.get("weight", 1.0)), field=where, name=name))
+    if problems:
+        raise RequestProblems(problems)
+    return specs
 
 
 def to_collage(request: wire.JobRequest, config: BridgeConfig) -> Converted:

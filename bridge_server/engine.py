@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,6 +39,7 @@ class RunRequest:
     base_image: np.ndarray | None = None
     regenerate_layer: int | None = None
     regenerate_dilation: int = 8
+    loras: list = field(default_factory=list)  # core.loras.LoraSpec, checked against the family
 
 
 #: Runs one job on the GPU thread; returns core's result or raises (GenerationCancelled, ...).
@@ -75,6 +76,7 @@ class Engine:
         return model
 
     def run(self, req: RunRequest) -> GenerationResult:
+        from core.loras import applied_loras
         from core.options import EngineOptions, build_hooks
         from core.sizing import generate_at_size, generation_size
 
@@ -100,18 +102,19 @@ class Engine:
         # the dock sends those already), scaled back, strength-0 pixels pasted back unchanged.
         canvas = (req.collage.width, req.collage.height)
         size = generation_size(canvas, "document", model.native_size, model.family.size_multiple)
-        result = generate_at_size(
-            model,
-            req.collage,
-            size,
-            variants=req.variants,
-            seeds=req.seeds,
-            progress=req.progress,
-            cancel=req.cancel,
-            max_batch=req.max_batch,
-            hooks=hooks,
-            **kwargs,
-        )
+        with applied_loras(model, req.loras):  # unloaded again after the job, also on error or cancel
+            result = generate_at_size(
+                model,
+                req.collage,
+                size,
+                variants=req.variants,
+                seeds=req.seeds,
+                progress=req.progress,
+                cancel=req.cancel,
+                max_batch=req.max_batch,
+                hooks=hooks,
+                **kwargs,
+            )
         result.warnings[:0] = warnings
         return result
 

@@ -28,7 +28,7 @@ from krita_plugin.collage_diffusion import wire
 
 from .catalog import ModelCatalog
 from .config import BridgeConfig
-from .convert import Converted, RequestProblems, parse_request, to_collage
+from .convert import Converted, RequestProblems, lora_specs, parse_request, to_collage
 from .engine import Engine, RunJob, RunRequest
 from .images import encode_png, preview_png
 from .storage import JobStore, StoredJob, new_job_id, select_for_cleanup
@@ -161,6 +161,9 @@ class JobManager:
     def _decode_sync(self, body: bytes) -> Converted:
         request = parse_request(body, self.config, self.catalog)
         converted = to_collage(request, self.config)
+        if request.loras:
+            family = self.catalog.details(converted.model, self.engine).family
+            converted.loras = lora_specs(request, self.catalog, family)
         return converted
 
     async def submit(self, converted: Converted) -> Job:
@@ -324,6 +327,7 @@ class JobManager:
             base_image=converted.base_image,
             regenerate_layer=converted.regenerate_layer,
             regenerate_dilation=converted.regenerate_dilation,
+            loras=converted.loras,
         )
         state, message, problems = wire.DONE, "", []
         try:

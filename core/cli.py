@@ -1,6 +1,6 @@
 """`collage`: generate from a layered document on the command line.
 
-    collage generate INPUT -o OUT.png [--model demo] [--models-dir DIR] [--steps 30] [--seed 0] [--variants 1] [-v]
+    collage generate INPUT -o OUT.png [--model demo] [--models-dir DIR] [--lora FILE_OR_NAME[:WEIGHT]] [--steps 30] [--seed 0] [--variants 1] [-v]
     collage inspect INPUT [-v]
 
 INPUT is an OpenRaster .ora (Krita saves these), a .psd/.psb, or a folder with collage.toml/json.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -51,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="a ComfyUI or A1111/Forge folder (or a plain folder) of models, named by their path in it (repeatable)",
+    )
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE_OR_NAME[:WEIGHT]",
+        help="apply a LoRA (a file, or its name in --models-dir) at WEIGHT (default 1) (repeatable)",
     )
     gen.add_argument(
         "--model-config", help="for a single-file model: a diffusers folder or hub id with its config"
@@ -180,7 +188,7 @@ def _model_reference(args) -> tuple[str, Path | None]:
     sidecar config); "demo", a path or a hub id stay what they are."""
     if not args.models_dir:
         return args.model, None
-    from .model_library import ModelLibrary, resolve_model_name
+    from .model_library import ModelLibrary, is_plain_reference, resolve_model_name
     from .model_sources import looks_like_path
     from .weight_files import CHECKPOINT
 
@@ -188,7 +196,7 @@ def _model_reference(args) -> tuple[str, Path | None]:
     if library.problems():
         raise ValueError("; ".join(library.problems()))
     ref, config = resolve_model_name(args.model, library)
-    if ref == args.model and looks_like_path(ref) and not Path(ref).expanduser().exists():
+    if ref == args.model and not is_plain_reference(ref) and looks_like_path(ref):  # "demo" is one
         names = [e.name for e in library.entries(CHECKPOINT) if e.usable]
         shown = ", ".join(names[:20]) + (f", … ({len(names)} in all)" if len(names) > 20 else "")
         raise ValueError(
@@ -198,8 +206,39 @@ def _model_reference(args) -> tuple[str, Path | None]:
     return ref, config
 
 
+def _lora_specs(args) -> list:
+    """--lora FILE_OR_NAME[:WEIGHT] options as `core.loras.LoraSpec`s: a file, else a LoRA of
+    --models-dir by its name. Raises `CollageError` naming the option."""
+    from .loras import LoraSpec
+    from .model_library import ModelLibrary
+    from .weight_files import LORA
+
+    library = ModelLibrary(args.models_dir) if args.models_dir else None
+    specs, problems = [], []
+    for text in args.lora:
+        where = f"--lora {text}"
+        # A trailing ":number" is the weight; any other ':' is part of the name or path.
+        match = re.fullmatch(r"(.+):([-+]?(?:\d+\.?\d*|\.\d+))", text)
+        ref, weight = (match[1], float(match[2])) if match else (text, 1.0)
+        path = Path(ref).expanduser()
+        if not path.is_file():
+            entry = library.find(LORA, ref) if library is not None else None
+            if entry is None or not entry.usable:
+                names = [e.name for e in library.entries(LORA) if e.usable] if library is not None else []
+                problems.append(
+                    f"{where}: no such file, nor a LoRA in --models-dir (which has: {', '.join(names) or 'none'})"
+                )
+                continue
+            path = entry.path
+        specs.append(LoraSpec(path, weight, field=where, name=ref))
+    if problems:
+        raise CollageError(problems)
+    return specs
+
+
 def _generate(args) -> int:
     from .formats import load_collage, save_ora, save_png
+    from .loras import applied_loras
     from .models import load_pipeline
     from .options import EngineOptions, build_hooks
     from .sizing import generate_at_size, model_generation_size, validate_any_size
@@ -218,6 +257,7 @@ def _generate(args) -> int:
     # multiple of 8 is fine: it is generated at a size that is, and scaled back.
     validate_any_size(collage)
 
+    loras = _lora_specs(args)
     ref, config = _model_reference(args)
     print(f"loading model {args.model!r}" + (f" ({ref})" if ref != args.model else "") + "…", file=sys.stderr)
     model = load_pipeline(ref, device=args.device, config=args.model_config or config)
@@ -244,9 +284,10 @@ def _generate(args) -> int:
                 f"{collage.width}×{collage.height}{hint}",
                 file=sys.stderr,
             )
-        result = generate_at_size(
-            model, collage, size, variants=args.variants, progress=bars.on_progress, hooks=hooks
-        )
+        with applied_loras(model, loras):
+            result = generate_at_size(
+                model, collage, size, variants=args.variants, progress=bars.on_progress, hooks=hooks
+            )
     finally:
         bars.close()
     for warning in result.warnings:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +233,10 @@ def _shape_difference(message: str) -> str | None:
         # diffusers lists every mismatched tensor: thousands of lines for a whole model.
         line = next(ln for ln in message.splitlines() if "size mismatch" in ln)
         return line.strip()[:300]
+    # With accelerate installed (peft brings it) diffusers loads on the meta device and says so:
+    mismatch = re.search(r"because (\S+) expected shape (.+?), but got (.+?)\.", message)
+    if mismatch:
+        return f"{mismatch[1]}: {mismatch[2]} in the configuration, {mismatch[3]} in the file"
     if "does not seem to contain a valid CLIP model" in message:
         # diffusers picks each text encoder's weights by their width; none had the configured one.
         return "a text encoder's width is not the configured one"

@@ -98,6 +98,13 @@ def test_defaults_agree_with_core():
             "regenerate_layer: must be the index of a layer, 0..1",
         ),
         (dict(base_image=b"nope", regenerate_layer=0), "base_image: not a PNG image"),
+        (dict(loras={"name": "x"}), "loras: must be a list"),
+        (dict(loras=["x"]), 'loras[0]: must be a {"name", "weight"} object'),
+        (dict(loras=[{"name": "x", "strength": 1}]), "loras[0]: unknown field(s) 'strength'"),
+        (dict(loras=[{"weight": 1}]), "loras[0].name: must be the name of a LoRA"),
+        (dict(loras=[{"name": "a"}, {"name": "b", "weight": 4.5}]), "loras[1].weight: must be in -4..4"),
+        (dict(loras=[{"name": "a", "weight": "1"}]), "loras[0].weight: must be a number"),
+        (dict(loras=[{"name": "a"}] * 9), "loras: 9 LoRAs, more than the limit of 8"),
     ],
 )
 def test_validate_names_the_field(change, expected):
@@ -250,3 +257,10 @@ def test_info_round_trip_with_the_model_library():
     assert wire.InfoResponse.from_dict(old).loras == []
     data["loras"][0]["hash"] = "abc"
     assert wire.InfoResponse.from_dict(data).loras == [lora]
+
+
+def test_loras_are_optional_and_round_trip():
+    assert request().loras == [] and request().validate() == []
+    req = request(loras=[{"name": "styles/ink", "weight": -1.5}, {"name": "paper"}])
+    assert req.validate() == []
+    assert wire.JobRequest.from_json(req.to_json()).loras == req.loras

@@ -19,6 +19,9 @@ from .wire_fields import (
 from .wire_png import crop_to_content, encode_png
 from .wire_protocol import API_VERSION, SCHEDULERS, Limits, WireError
 
+MAX_LORAS = 8
+MAX_LORA_WEIGHT = 4.0  # as core.loras.MAX_WEIGHT
+
 
 @dataclass
 class LayerSpec:
@@ -74,6 +77,8 @@ class JobRequest:
     base_image: bytes | None = None  # canvas-size PNG to regenerate from
     regenerate_layer: int | None = None  # index into `layers`
     regenerate_dilation: int = 8  # how far around the layer's visible pixels may change
+    # LoRAs for this job: [{"name": a LoRA listed in InfoResponse.loras, "weight": -4..4 (default 1)}]
+    loras: list[dict] = field(default_factory=list)
     api_version: int = API_VERSION
 
     # -- JSON -------------------------------------------------------------------------------
@@ -185,7 +190,27 @@ class JobRequest:
             _check_png(p, "background_png", self.background_png, lim.max_canvas_pixels, canvas)
         self._validate_regenerate(p, lim, canvas)
         self._validate_layers(p, lim, canvas)
+        self._validate_loras(p)
         return p
+
+    def _validate_loras(self, p: list[str]) -> None:
+        if not isinstance(self.loras, list):
+            p.append(f'loras: must be a list of {{"name", "weight"}} objects, got {_json_type(self.loras)}')
+            return
+        if len(self.loras) > MAX_LORAS:
+            p.append(f"loras: {len(self.loras)} LoRAs, more than the limit of {MAX_LORAS}")
+        for i, item in enumerate(self.loras):
+            where = f"loras[{i}]"
+            if not isinstance(item, dict):
+                p.append(f'{where}: must be a {{"name", "weight"}} object, got {_json_type(item)}')
+                continue
+            unknown = sorted(set(item) - {"name", "weight"})
+            if unknown:
+                p.append(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}")
+            name = item.get("name")
+            if not isinstance(name, str) or not name.strip():
+                p.append(f"{where}.name: must be the name of a LoRA listed in /info, got {name!r}")
+            _check_number(p, f"{where}.weight", item.get("weight", 1.0), -MAX_LORA_WEIGHT, MAX_LORA_WEIGHT)
 
     def _validate_regenerate(self, p: list[str], lim: Limits, canvas: tuple[int, int] | None) -> None:
         if (self.base_image is None) != (self.regenerate_layer is None):
