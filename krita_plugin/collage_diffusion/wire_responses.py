@@ -13,9 +13,9 @@ from .wire_protocol import FINISHED_STATES
 
 
 class _Message:
-    """What every message record shares: JSON out (`to_dict`, `to_json`) and a lenient read
-    (`from_dict` keeps the fields it knows: a newer peer may send more). Records with nested
-    records override `from_dict`."""
+    """What every message record shares: JSON out (`to_dict`, `to_json`) and a lenient read in
+    (`from_dict`, `from_json`: the fields it knows; a newer peer may send more). Records with
+    nested records override `from_dict`."""
 
     def to_dict(self) -> dict:
         return _encode(self)
@@ -26,6 +26,10 @@ class _Message:
     @classmethod
     def from_dict(cls, data: dict):
         return _known(cls, data)
+
+    @classmethod
+    def from_json(cls, text: str | bytes):
+        return cls.from_dict(json.loads(text))
 
 
 @dataclass
@@ -89,10 +93,6 @@ class JobStatus(_Message):
         data["results"] = [_known(ResultInfo, r) for r in data.get("results") or []]
         return _known(cls, data)
 
-    @classmethod
-    def from_json(cls, text: str | bytes) -> JobStatus:
-        return cls.from_dict(json.loads(text))
-
 
 @dataclass
 class ProgressEvent(_Message):
@@ -123,10 +123,6 @@ class ProgressEvent(_Message):
         if data.get("preview") is not None:
             data["preview"] = b64decode(data["preview"])
         return _known(cls, data)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> ProgressEvent:
-        return cls.from_dict(json.loads(text))
 
 
 @dataclass
