@@ -129,11 +129,13 @@ def build_request(
     base_png: bytes | None = None,
     regenerate_uid: str | None = None,
     model: str | None = None,
+    loras: list[dict] | None = None,
 ) -> tuple[Plan | None, list[str]]:
     """The request for the layers that take part, or None and what stops it (plain sentences).
 
     `records` are the document's visible, non-empty layers bottom to top; `layers` their settings
     by uniqueId (`DocumentSettings.resolve`). Layers ticked off in the dock are left out.
+    `model` and `loras` are the request's (`choices.request_choices`).
     """
     problems: list[str] = []
     notes: list[str] = []
@@ -236,6 +238,7 @@ def build_request(
         guidance_scale=settings.guidance_scale,
         strength=settings.strength,
         model=model,
+        loras=list(loras or []),
     )
     if background is not None:
         request.background = list(background)

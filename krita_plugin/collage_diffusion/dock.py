@@ -1,6 +1,7 @@
 """The dock: widgets only. State and actions live in `model.CollageModel`, document access in
 `document.py`, settings in the document's annotation (`settings.py`). The panel's sections are in
-`dock_sections.py`, its small widgets (slider, layer row) in `dock_widgets.py`.
+`dock_sections.py` (the model and LoRAs in `dock_models.py`), its small widgets (slider, layer
+row) in `dock_widgets.py`.
 
 `CollagePanel` is a plain QWidget given a `host` (what it needs from Krita: the active document
 and Krita's settings), so tests and the screenshot script can build it without Krita's docker
@@ -12,6 +13,7 @@ from __future__ import annotations
 from . import document, qt
 from .bridge_process import make_local_bridge
 from .collage import NodeInfo
+from .dock_models import ModelSection
 from .dock_sections import (
     ActionsSection,
     BridgeSection,
@@ -76,6 +78,7 @@ class CollagePanel(W.QWidget):
         self._watch.timeout.connect(self.refresh)
         self._watch.start(1500)
         self._on_busy(False)
+        self._on_info()
 
     # -- building ------------------------------------------------------------------------------------
 
@@ -92,6 +95,7 @@ class CollagePanel(W.QWidget):
         v = W.QVBoxLayout(body)
         v.setContentsMargins(6, 6, 6, 6)
         self.bridge_section = BridgeSection(self.model.client.url, self.model.client.token)
+        self.model_section = ModelSection()
         self.prompt_section = PromptSection()
         self.layers_section = LayersSection()
         self.options_section = OptionsSection()
@@ -99,6 +103,7 @@ class CollagePanel(W.QWidget):
         self.results_section = ResultsSection()
         for section in (
             self.bridge_section,
+            self.model_section,
             self.prompt_section,
             self.layers_section,
             self.options_section,
@@ -131,6 +136,9 @@ class CollagePanel(W.QWidget):
         m.results_changed.connect(self._show_results)
         m.error.connect(self._on_error)
         m.notice.connect(self.notice.setText)
+        m.info_changed.connect(self._on_info)
+        self.model_section.changed.connect(self._changed)
+        self.model_section.refresh_requested.connect(m.check_connection)
         self.bridge_section.connect_button.clicked.connect(self._reconnect)
         self.url.editingFinished.connect(self._reconnect)
         self.token.editingFinished.connect(self._reconnect)
@@ -199,6 +207,7 @@ class CollagePanel(W.QWidget):
         self._loading = True
         try:
             self.prompt_section.load(s)
+            self.model_section.load(s)
             self.options_section.load(s)
         finally:
             self._loading = False
@@ -207,6 +216,7 @@ class CollagePanel(W.QWidget):
         if self._loading or self.doc is None:
             return
         self.prompt_section.store(self.settings)
+        self.model_section.store(self.settings)
         self.options_section.store(self.settings)
         self._dirty = True
         self._save_timer.start(400)
@@ -281,6 +291,9 @@ class CollagePanel(W.QWidget):
     def _on_busy(self, busy: bool) -> None:
         self.actions_section.set_busy(busy)
         self.results_section.set_busy(busy)
+
+    def _on_info(self) -> None:
+        self.model_section.show_info(self.model.info)
 
     def _on_error(self, text: str) -> None:
         self.error.setText(text)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from . import collage, document, messages, qt, results, wire
+from . import choices, collage, document, messages, qt, results, wire
 from .client import BridgeClient, Call, JobFollower
 
 # Connection states.
@@ -57,6 +57,7 @@ class CollageModel(qt.QObject):
     - ``results_changed()``: new results were written (see `results_for`)
     - ``error(text)``: something failed; plain words, shown in the dock
     - ``notice(text)``: information ("3 layers sent", "connection lost, retrying…")
+    - ``info_changed()``: /info lists other models or LoRAs than before (or none: not connected)
     """
 
     connection_changed = qt.pyqtSignal(str, str)
@@ -66,6 +67,7 @@ class CollageModel(qt.QObject):
     results_changed = qt.pyqtSignal()
     error = qt.pyqtSignal(str)
     notice = qt.pyqtSignal(str)
+    info_changed = qt.pyqtSignal()
 
     def __init__(self, url: str = "", token: str = "", parent=None):
         super().__init__(parent)
@@ -92,7 +94,7 @@ class CollageModel(qt.QObject):
     def configure(self, url: str, token: str) -> None:
         """New address or token: check the connection again now."""
         self.client.configure(url, token)
-        self.info = None
+        self._set_info(None)
         self.state = UNKNOWN
         self._checking = None  # an answer from the old address is ignored (see _on_info)
         self.check_connection()
@@ -117,9 +119,9 @@ class CollageModel(qt.QObject):
             return
         if call.ok:
             try:
-                self.info = wire.InfoResponse.from_dict(call.json())
+                self._set_info(wire.InfoResponse.from_dict(call.json()))
             except (TypeError, ValueError):
-                self.info = None
+                self._set_info(None)
             if self.info is not None and self.info.api_version != wire.API_VERSION:
                 self._set_state(
                     REFUSED,
@@ -134,6 +136,13 @@ class CollageModel(qt.QObject):
             self._set_state(DISCONNECTED, f"{call.error} (trying again every {CHECK_DISCONNECTED_S:g} s)")
         delay = CHECK_CONNECTED_S if self.state == CONNECTED else CHECK_DISCONNECTED_S
         self._monitor.start(int(delay * 1000))
+
+    def _set_info(self, info: wire.InfoResponse | None) -> None:
+        """Keep the bridge's /info; tell the dock when what it offers (models, LoRAs) changed."""
+        before = _offer(self.info)
+        self.info = info
+        if _offer(info) != before:
+            self.info_changed.emit()
 
     def _connected_text(self) -> str:
         if self.info is None:
@@ -160,8 +169,11 @@ class CollageModel(qt.QObject):
         if doc is None:
             return self._refuse("Open a document first.")
         settings = document.load_settings(doc)
+        model, loras, problems = choices.request_choices(settings, self.info)
+        if problems:
+            return self._refuse("\n".join(problems))
         limits = wire.Limits.from_dict(self.info.limits) if self.info is not None else None
-        details = self.info.details() if self.info is not None else None
+        details = choices.chosen_details(self.info, settings.model)  # "auto" follows the chosen model
         size = collage.generation_size(doc.width(), doc.height(), settings.size_policy, limits, details)
         try:
             records, stats = document.read_layers(doc, size, settings.results_group)
@@ -188,6 +200,8 @@ class CollageModel(qt.QObject):
             variants=variants,
             base_png=base,
             regenerate_uid=active_uid,
+            model=model,
+            loras=loras,
         )
         if plan is None:
             return self._refuse("\n".join(problems))
@@ -342,3 +356,15 @@ class CollageModel(qt.QObject):
             doc.refreshProjection()
         last.picked = index
         return last.entries[index].seed
+
+
+def _offer(info: wire.InfoResponse | None) -> tuple | None:
+    """What of /info the dock's model and LoRA lists show (queue lengths and the like left out)."""
+    if info is None:
+        return None
+    return (
+        info.model,
+        tuple(info.models),
+        tuple(repr(d) for d in info.model_details),
+        tuple(repr(e) for e in (*info.checkpoints, *info.loras)),
+    )

@@ -7,6 +7,9 @@ import from .ora/.psd) an entry is matched by the layer's name instead, if that 
 
 Standard library only: reading never raises, whatever the annotation holds (a broken or future
 annotation gives the defaults for what cannot be read).
+
+The model and the LoRAs are per document too (`model`, `loras`): names the bridge lists in /info
+(`choices.py` turns them into the request's `model` and `loras`).
 """
 
 from __future__ import annotations
@@ -15,9 +18,13 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 
+from .wire_request import MAX_LORA_WEIGHT
+
 #: The annotation's type in the document (and in the .kra file: ``annotations/collage-diffusion``).
 ANNOTATION_TYPE = "collage-diffusion"
-ANNOTATION_DESCRIPTION = "Collage Diffusion settings (prompt, seed, per-layer texts and weights)"
+ANNOTATION_DESCRIPTION = (
+    "Collage Diffusion settings (prompt, seed, model and LoRAs, per-layer texts and weights)"
+)
 VERSION = 1
 
 #: Size policies: how big the generated image is, given the document's size.
@@ -53,6 +60,17 @@ class LayerSettings:
 
 
 @dataclass
+class LoraChoice:
+    """A LoRA chosen in the dock: its name as the bridge lists it (/info's loras) and its weight."""
+
+    name: str
+    weight: float = 1.0
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "weight": self.weight}
+
+
+@dataclass
 class DocumentSettings:
     prompt: str = ""
     negative_prompt: str = ""
@@ -64,13 +82,16 @@ class DocumentSettings:
     guidance_scale: float = 7.5
     layers: dict[str, LayerSettings] = field(default_factory=dict)  # by node uniqueId
     results_group: str = ""  # uniqueId of the "Collage results" group
+    model: str = ""  # a model the bridge lists (/info's models); "": the bridge's default
+    loras: list[LoraChoice] = field(default_factory=list)  # sent as JobRequest.loras, in order
 
     # -- JSON ----------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layers"}
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("layers", "loras")}
         data["version"] = VERSION
         data["layers"] = {uid: vars(s).copy() for uid, s in self.layers.items()}
+        data["loras"] = [lora.to_dict() for lora in self.loras]
         return data
 
     def to_json(self) -> str:
@@ -91,9 +112,11 @@ class DocumentSettings:
     def from_dict(cls, data: object) -> DocumentSettings:
         if not isinstance(data, dict):
             return cls()
-        settings = cls(**_read(cls, data, skip=("layers",)))
+        settings = cls(**_read(cls, data, skip=("layers", "loras")))
         if settings.size_policy not in SIZE_POLICIES:
             settings.size_policy = "auto"
+        settings.model = settings.model.strip()
+        settings.loras = _read_loras(data.get("loras"))
         layers = data.get("layers")
         if isinstance(layers, dict):
             for uid, entry in layers.items():
@@ -106,10 +129,13 @@ class DocumentSettings:
         """Settings from a document file's own ``collage.json`` (what `collage generate` and
         `core.formats.save_ora` write into an .ora): the collage's fields, and the per-layer
         entries keyed by layer *name* (``name:<name>`` placeholders that `resolve` matches to
-        the layers by name). Unusable values are skipped, as everywhere here."""
+        the layers by name). Unusable values are skipped, as everywhere here. The file's `model`
+        is a reference on the machine that wrote it (a path, a hub id), not a bridge's model name:
+        the dock keeps the bridge's default."""
         if not isinstance(data, dict):
             return cls()
-        settings = cls(**_read(cls, data, skip=("layers", "variants", "size_policy", "results_group")))
+        skip = ("layers", "variants", "size_policy", "results_group", "model", "loras")
+        settings = cls(**_read(cls, data, skip=skip))
         layers = data.get("layers")
         if isinstance(layers, dict):
             for name, entry in layers.items():
@@ -165,6 +191,22 @@ class DocumentSettings:
             self.layers[uid] = entry  # re-inserted: the most recently seen come last
         while len(self.layers) > keep:
             self.layers.pop(next(iter(self.layers)))
+
+
+def _read_loras(data: object) -> list[LoraChoice]:
+    """The saved LoRAs: entries without a usable name are dropped, weights clamped to the wire's
+    range (a missing or unreadable weight is 1)."""
+    if not isinstance(data, list):
+        return []
+    out = []
+    for entry in data:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"].strip():
+            continue
+        weight = entry.get("weight", 1.0)
+        usable = isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
+        weight = min(MAX_LORA_WEIGHT, max(-MAX_LORA_WEIGHT, float(weight))) if usable else 1.0
+        out.append(LoraChoice(entry["name"].strip(), round(weight, 4)))
+    return out
 
 
 def _read(cls: type, data: dict, skip: tuple[str, ...] = ()) -> dict:

@@ -1,0 +1,198 @@
+"""The document's model and LoRAs against what a bridge lists in /info: the entries of the dock's
+model picker and LoRA list, and what a request sends. Standard library only (tested without Qt).
+
+A document keeps names (`DocumentSettings.model`, `.loras`), never paths. A name the bridge no
+longer lists stays in the document and is shown as such; Generate then refuses in plain words
+rather than sending it or quietly using another model (the painter chose it; a silent fallback
+would give a different picture without saying why).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .settings import DocumentSettings
+from .wire_responses import InfoResponse, LibraryEntry, ModelDetails
+
+NOT_ON_BRIDGE = "not on this bridge"
+
+
+@dataclass
+class ModelOption:
+    """One entry of the model picker."""
+
+    name: str  # what is saved and sent; "" = the bridge's default (the request's model None)
+    label: str
+    family: str = ""  # "sd1", "sd2", "sdxl"; "" when not known
+    usable: bool = True  # False: shown for information only (a damaged file)
+    missing: bool = False  # the document's model, which the bridge does not list
+    tip: str = ""
+
+
+@dataclass
+class LoraOption:
+    """One LoRA the dock offers to add."""
+
+    name: str
+    label: str
+    family: str = ""
+    fits: bool = True  # made for the chosen model's family, or its family is not known
+    usable: bool = True
+    tip: str = ""
+
+
+def model_options(info: InfoResponse | None, saved: str = "") -> list[ModelOption]:
+    """The picker's entries: the bridge's default first, then its other models (with their
+    family), then checkpoints it cannot use (not choosable, the reason as tip). The document's
+    `saved` model, when the bridge does not list it, comes last as "NAME (not on this bridge)".
+    Without /info (not connected): the default and the saved name, unchecked."""
+    if info is None:
+        options = [
+            ModelOption(
+                "", "default (the bridge's model)", tip="Not connected: the list comes from the bridge"
+            )
+        ]
+        if saved:
+            options.append(ModelOption(saved, saved, tip="Not connected: not checked against the bridge yet"))
+        return options
+    options = [_model_option(info, "", info.model)]
+    # The default again by its name only when a document names it (so the picker can show that).
+    options += [_model_option(info, n, n) for n in info.models if n != info.model or (saved and n == saved)]
+    listed = {o.name for o in options} | {info.model}
+    for entry in info.checkpoints:
+        if entry.name not in listed and entry.error:
+            options.append(
+                ModelOption(
+                    entry.name, f"{entry.name} (cannot be used)", entry.family, usable=False, tip=entry.error
+                )
+            )
+    if saved and saved not in listed:
+        options.append(
+            ModelOption(
+                saved,
+                f"{saved} ({NOT_ON_BRIDGE})",
+                usable=False,
+                missing=True,
+                tip="Saved with this document; this bridge does not list it. Choose another model"
+                " or start the bridge with the folder that holds it (--models-dir).",
+            )
+        )
+    return options
+
+
+def _model_option(info: InfoResponse, name: str, shown: str) -> ModelOption:
+    details = info.details(name or None)
+    family, family_label = (details.family, details.family_label) if details else ("", "")
+    label = f"default ({shown})" if not name else shown
+    if family_label:
+        label += f" · {family_label}"
+    tip = f"native size {details.native_size} px" if details and details.native_size else ""
+    return ModelOption(name, label, family, tip=tip)
+
+
+def chosen_details(info: InfoResponse | None, model: str) -> ModelDetails | None:
+    """The details of the document's model (`model` "" = the bridge's default), if listed."""
+    if info is None or (model and model not in info.models):
+        return None
+    return info.details(model or None)
+
+
+def chosen_family(info: InfoResponse | None, model: str) -> str:
+    details = chosen_details(info, model)
+    return details.family if details is not None else ""
+
+
+def lora_options(
+    info: InfoResponse | None, family: str, exclude: Sequence[str] = (), all_families: bool = False
+) -> list[LoraOption]:
+    """The LoRAs to add, not counting those in `exclude` (already chosen): those that fit the
+    model's `family` (or whose family is not known), then, with `all_families`, the others
+    marked with their family; LoRAs the bridge cannot use last, not choosable."""
+    if info is None:
+        return []
+    fitting, others, unusable = [], [], []
+    for entry in info.loras:
+        if entry.name in exclude:
+            continue
+        fits = _fits(entry, family)
+        if not fits and not all_families:
+            continue
+        if entry.error:
+            unusable.append(
+                LoraOption(
+                    entry.name, f"{entry.name} (cannot be used)", entry.family, fits, False, entry.error
+                )
+            )
+        elif fits:
+            tip = (
+                ""
+                if entry.family
+                else "Its file does not say which model family it is for; the bridge checks it."
+            )
+            fitting.append(LoraOption(entry.name, entry.name, entry.family, True, tip=tip))
+        else:
+            label = entry.family_label or entry.family
+            others.append(
+                LoraOption(entry.name, f"{entry.name} (for {label})", entry.family, False, tip=_misfit(entry))
+            )
+    return fitting + others + unusable
+
+
+def lora_mark(info: InfoResponse | None, family: str, name: str) -> str:
+    """What is wrong with a chosen LoRA, in a few words ("" when nothing, or not connected)."""
+    if info is None:
+        return ""
+    entry = next((e for e in info.loras if e.name == name), None)
+    if entry is None:
+        return NOT_ON_BRIDGE
+    if entry.error:
+        return f"cannot be used: {entry.error}"
+    if not _fits(entry, family):
+        return f"for {entry.family_label or entry.family}, not this model"
+    return ""
+
+
+def request_choices(
+    settings: DocumentSettings, info: InfoResponse | None
+) -> tuple[str | None, list[dict], list[str]]:
+    """(the request's `model`, its `loras`, problems that stop Generate). Checked against /info
+    when the dock has it (else the bridge judges): a model or LoRA it does not list, a LoRA it
+    cannot use or made for another family than the model's."""
+    model = settings.model or None
+    loras = [lora.to_dict() for lora in settings.loras]
+    problems: list[str] = []
+    if info is None:
+        return model, loras, problems
+    if model is not None and model not in info.models:
+        problems.append(
+            f"The model '{model}' chosen for this document is not on this bridge: choose one of its"
+            f" models in the dock's Model list (it has {', '.join(info.models) or 'none'})."
+        )
+        return model, loras, problems
+    details = info.details(model)
+    family = details.family if details is not None else ""
+    shown = model or f"{info.model} (the default)"
+    for lora in settings.loras:
+        entry = next((e for e in info.loras if e.name == lora.name), None)
+        if entry is None:
+            problems.append(
+                f"The LoRA '{lora.name}' is not on this bridge: remove it from the dock's LoRA list"
+                " (or put its file into one of the bridge's model folders)."
+            )
+        elif entry.error:
+            problems.append(f"The LoRA '{lora.name}' cannot be used: {entry.error}")
+        elif not _fits(entry, family):
+            problems.append(
+                f"The LoRA '{lora.name}' was made for {entry.family_label or entry.family}, but the model"
+                f" {shown} is {details.family_label or family}: remove the LoRA or choose a model of its family."
+            )
+    return model, loras, problems
+
+
+def _fits(entry: LibraryEntry, family: str) -> bool:
+    return not family or not entry.family or entry.family == family
+
+
+def _misfit(entry: LibraryEntry) -> str:
+    return f"Made for {entry.family_label or entry.family}: it does not fit the chosen model."
