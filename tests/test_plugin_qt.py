@@ -29,6 +29,7 @@ CHECKS = [
     "reading_with_qt",
     "writing_results",
     "dock_panel",
+    "dock_model_and_loras",
     "generate_regenerate_and_errors",
     "reconnects",
     "local_bridge",

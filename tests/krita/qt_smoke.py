@@ -129,6 +129,130 @@ def dock_panel(report):
     panel.shutdown()
 
 
+def library_info(loras=("ink.safetensors", "xl/detail.safetensors", "sd1-style.safetensors")):
+    """/info of a bridge on the demo model with model folders: an SDXL checkpoint, LoRAs of no
+    known family, of SDXL and of SD 1.x (as tests/test_plugin_choices.py, without pytest)."""
+    from collage_diffusion import wire
+
+    sd1, xl = ("sd1", "Stable Diffusion 1.x"), ("sdxl", "Stable Diffusion XL")
+    families = {"xl/detail.safetensors": xl, "sd1-style.safetensors": sd1}
+    return wire.InfoResponse.from_dict(
+        {
+            "api_version": wire.API_VERSION,
+            "version": "test",
+            "model": "demo",
+            "models": ["demo", "tiny-xl"],
+            "model_loaded": True,
+            "device": "cpu",
+            "dtype": "float32",
+            "queue_length": 0,
+            "running": None,
+            "versions": {},
+            "limits": {},
+            "model_details": [
+                wire.ModelDetails("demo", *sd1, 64).to_dict(),
+                wire.ModelDetails("tiny-xl", *xl, 256, 64).to_dict(),
+            ],
+            "checkpoints": [wire.LibraryEntry("tiny-xl", "checkpoint", *xl).to_dict()],
+            "loras": [wire.LibraryEntry(n, "lora", *families.get(n, ("", ""))).to_dict() for n in loras],
+        }
+    )
+
+
+def combo_items(combo) -> list:
+    return [(combo.itemText(i), combo.itemData(i)) for i in range(combo.count())]
+
+
+@check
+def dock_model_and_loras(report):
+    """The model picker and the LoRA list: filled from /info, following the model's family,
+    saved in the document, shown again by a new panel (a reopened document), refreshed when /info
+    changes; a saved model the bridge lacks is shown as such and Generate refuses it."""
+    from collage_diffusion import dock, document, qt
+    from collage_diffusion.model import CollageModel
+
+    doc = fakekrita.sample_stack()
+    model = CollageModel("http://127.0.0.1:9")  # never asked: /info is given below
+    model._set_info(library_info())
+    panel = dock.CollagePanel(fakekrita.Host(doc), model)
+    panel.refresh()
+    m = panel.model_section
+    eq(
+        combo_items(m.model),
+        [("default (demo) · Stable Diffusion 1.x", ""), ("tiny-xl · Stable Diffusion XL", "tiny-xl")],
+        "models",
+    )
+    eq([d for _, d in combo_items(m.add_combo)], ["ink.safetensors", "sd1-style.safetensors"], "sd1 LoRAs")
+    m.model.setCurrentIndex(1)  # the painter picks the SDXL model: the SDXL LoRAs are offered
+    eq([d for _, d in combo_items(m.add_combo)], ["ink.safetensors", "xl/detail.safetensors"], "sdxl LoRAs")
+    m.all_families.setChecked(True)
+    eq(
+        combo_items(m.add_combo)[-1],
+        ("sd1-style.safetensors (for Stable Diffusion 1.x)", "sd1-style.safetensors"),
+        "marked",
+    )
+    m.all_families.setChecked(False)
+    m.add_combo.setCurrentIndex(1)
+    m.add_button.click()
+    m.rows[0].weight.setValue(0.65)
+    eq(m.add_lora("ink.safetensors", -1.5), True, "second LoRA added")
+    eq([d for _, d in combo_items(m.add_combo)], [None], "nothing left to add")
+    eq(
+        (m.rows[0].weight.minimum(), m.rows[0].weight.maximum(), m.rows[0].weight.singleStep()),
+        (-4.0, 4.0, 0.05),
+        "weight range",
+    )
+    panel.save_settings()
+    stored = document.load_settings(doc)
+    eq(
+        (stored.model, [(lora.name, lora.weight) for lora in stored.loras]),
+        ("tiny-xl", [("xl/detail.safetensors", 0.65), ("ink.safetensors", -1.5)]),
+        "stored",
+    )
+    panel.shutdown()
+
+    again = dock.CollagePanel(fakekrita.Host(doc), model)  # the document shown anew
+    again.refresh()
+    m = again.model_section
+    eq(m.model.currentData(), "tiny-xl", "model shown again")
+    eq(
+        [(r.name, r.weight.value()) for r in m.rows],
+        [("xl/detail.safetensors", 0.65), ("ink.safetensors", -1.5)],
+        "LoRAs shown again",
+    )
+    m.model.setCurrentIndex(0)  # back to the SD 1.x default: the SDXL LoRA is marked
+    eq(m.rows[0].label.text(), "xl/detail.safetensors (for Stable Diffusion XL, not this model)", "mark")
+    m.rows[0].remove.click()
+    again.save_settings()
+    stored = document.load_settings(doc)
+    eq((stored.model, [lora.name for lora in stored.loras]), ("", ["ink.safetensors"]), "after removing")
+
+    model._set_info(library_info(loras=("ink.safetensors", "new.safetensors")))  # /info fetched again
+    eq([d for _, d in combo_items(m.add_combo)], ["new.safetensors"], "refreshed LoRAs")
+    again.shutdown()
+
+    stored.model = "gone.safetensors"  # a document from another bridge
+    document.save_settings(doc, stored)
+    third = dock.CollagePanel(fakekrita.Host(doc), model)
+    third.refresh()
+    m = third.model_section
+    eq(m.model.currentText(), "gone.safetensors (not on this bridge)", "missing model shown")
+    eq(m.note.isHidden(), False, "note shown")
+    eq(model.generate(doc), False, "generate refused")
+    if not model.last_error.startswith(
+        "The model 'gone.safetensors' chosen for this document is not on this bridge"
+    ):
+        raise AssertionError(model.last_error)
+    eq(third.error.text(), model.last_error, "error shown in the dock")
+    third.resize(360, 1000)
+    third.show()
+    qt.spin(lambda: False, 50)
+    if third.grab().isNull():
+        raise AssertionError("the panel does not render")
+    third.shutdown()
+    report["detail"] = "picker, LoRA list, save, reopen, refresh, missing model"
+
+
 @check
 def generate_regenerate_and_errors(report):
     from collage_diffusion import collage, document, results
