@@ -42,6 +42,7 @@ CHECKS = [
     "ora_settings_come_with_the_file",
     "generate_writes_new_layers",
     "auto_size_follows_the_model",
+    "dock_model_and_loras_saved_and_sent",
     "generate_on_sdxl",
     "regenerate_changes_only_that_layer",
     "regenerate_after_reopen_uses_the_result_layer",
@@ -53,21 +54,43 @@ CHECKS = [
 ]
 
 
+def models_dir(root: Path, demo_model_dir: Path, tiny_sdxl_dir: Path) -> Path:
+    """A small ComfyUI-style model folder for the dock's model and LoRA checks: the demo model
+    again under another name (so a chosen model can run fast), the tiny SDXL (listed, not run),
+    a LoRA of the demo model that changes its output (its file tells no family) and an SDXL
+    LoRA's names and shapes (zeros)."""
+    from core.models import load_pipeline
+    from tests.library_files import kohya_lora
+    from tests.test_loras import peft_unet_lora, save_kohya
+
+    (root / "models" / "diffusers").mkdir(parents=True)
+    (root / "models" / "loras" / "xl").mkdir(parents=True)
+    (root / "models" / "diffusers" / "demo-copy").symlink_to(demo_model_dir, target_is_directory=True)
+    (root / "models" / "diffusers" / "tiny-xl").symlink_to(tiny_sdxl_dir, target_is_directory=True)
+    unet = load_pipeline("demo").pipeline.unet
+    save_kohya(peft_unet_lora(unet, seed=3), root / "models" / "loras" / "ink.safetensors")
+    kohya_lora(root / "models" / "loras" / "xl" / "detail.safetensors", "sdxl")
+    return root
+
+
 @pytest.fixture(scope="module")
 def krita_report(demo_model_dir, tiny_sdxl_dir, tmp_path_factory):
-    """Runs every check inside Krita once, with a bridge on the demo model and one on the tiny
-    SDXL; the JSON report."""
+    """Runs every check inside Krita once, with a bridge on the demo model (and a small model
+    folder) and one on the tiny SDXL; the JSON report."""
     tmp = tmp_path_factory.mktemp("krita")
     config = tmp / "collage_diffusion_bridge.json"
     config.write_text(json.dumps({"python": sys.executable, "project": str(ROOT), "model": "demo"}))
     report = tmp / "report.json"
-    with harness.bridge(tmp / "bridge") as url, harness.bridge(tmp / "sdxl", model=str(tiny_sdxl_dir)) as xl:
+    models = models_dir(tmp / "models", demo_model_dir, tiny_sdxl_dir)
+    demo_bridge = harness.bridge(tmp / "bridge", args=("--models-dir", str(models)))
+    with demo_bridge as url, harness.bridge(tmp / "sdxl", model=str(tiny_sdxl_dir)) as xl:
         env = harness.throwaway_home(
             tmp / "home",
             PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "krita"), str(ROOT / "krita_plugin")]),
             COLLAGE_TEST_REPORT=str(report),
             COLLAGE_TEST_BRIDGE=url,
             COLLAGE_TEST_SDXL_BRIDGE=xl,
+            COLLAGE_TEST_MODELS_DIR=str(models),
             COLLAGE_TEST_DIR=str(tmp / "scratch"),
             COLLAGE_BRIDGE_CONFIG=str(config),
             COLLAGE_TEST_LOCAL_PORT=str(harness.free_port()),

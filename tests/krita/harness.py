@@ -66,8 +66,9 @@ def throwaway_home(home: Path, **extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def bridge(data_dir: Path, timeout: float = 120.0, model: str | None = None):
+def bridge(data_dir: Path, timeout: float = 120.0, model: str | None = None, args: tuple[str, ...] = ()):
     """A bridge on the demo model (or `model`) on a free port, its model loaded; yields its URL.
+    `args`: more of its command line (``("--models-dir", DIR)``).
 
     COLLAGE_CACHE comes from the environment (the demo_model_dir fixture sets it)."""
     port = free_port()
@@ -85,6 +86,7 @@ def bridge(data_dir: Path, timeout: float = 120.0, model: str | None = None):
                 str(data_dir),
                 "--preload",
                 *(["--model", model] if model else []),
+                *args,
             ],
             cwd=ROOT,
             stdout=log,

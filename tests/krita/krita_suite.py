@@ -516,6 +516,100 @@ def auto_size_follows_the_model(report):
         doc.close()
 
 
+def combo_items(combo) -> list:
+    return [(combo.itemText(i), combo.itemData(i)) for i in range(combo.count())]
+
+
+def generate_in_panel(panel) -> bytes:
+    """Press Generate as the painter would; the result's PNG."""
+    panel.actions_section.generate_button.click()
+    panel.model.wait_idle(180)
+    assert_eq(panel.model.last_error, "", "generate error")
+    return panel.model.results_for(panel.doc).entries[0].png
+
+
+def job_on_bridge(model):
+    """The bridge's record of the model's last job (`wire.JobStatus`)."""
+    from collage_diffusion import client, wire
+
+    call = client.BridgeClient(os.environ["COLLAGE_TEST_BRIDGE"]).job(model.job_id).wait(15)
+    assert_eq(call.ok, True, f"GET job {model.job_id}")
+    return wire.JobStatus.from_dict(call.json())
+
+
+@check(needs_bridge=True)
+def dock_model_and_loras_saved_and_sent(report):
+    """The dock's model picker and LoRA list on a bridge with a model folder (COLLAGE_TEST_MODELS_DIR):
+    they show the bridge's models and LoRAs, the LoRAs offered follow the chosen model's family,
+    the choice goes into the job (the bridge runs the chosen model; its LoRA changes the picture),
+    and saving the document as .kra and reopening it shows the same choice."""
+    import fakekrita
+    from collage_diffusion import dock, document
+
+    if not os.environ.get("COLLAGE_TEST_MODELS_DIR"):
+        raise Skip("the test bridge has no model folder (COLLAGE_TEST_MODELS_DIR)")
+    path = scratch() / "model-choice.kra"
+    doc = build_document()
+    try:
+        set_prompt(doc, "a red sign, a cat and a ball", size_policy="auto", cat="cat", ball="red ball")
+        panel = dock.CollagePanel(fakekrita.Host(doc), make_model())
+        panel.refresh()
+        m = panel.model_section
+        assert_eq(
+            combo_items(m.model),
+            [
+                ("default (demo) · Stable Diffusion 1.x", ""),
+                ("demo-copy · Stable Diffusion 1.x", "demo-copy"),
+                ("tiny-xl · Stable Diffusion XL", "tiny-xl"),
+            ],
+            "the bridge's models in the picker",
+        )
+        assert_eq([d for _, d in combo_items(m.add_combo)], ["ink.safetensors"], "LoRAs offered for SD 1.x")
+        assert_eq(m.choose_model("tiny-xl"), True, "tiny-xl chosen")
+        offered = [d for _, d in combo_items(m.add_combo)]
+        assert_eq(offered, ["ink.safetensors", "xl/detail.safetensors"], "LoRAs offered for SDXL")
+        assert_eq(m.choose_model("demo-copy"), True, "demo-copy chosen")
+        assert_eq(m.add_lora("ink.safetensors", 0.8), True, "LoRA added")
+        with_lora = generate_in_panel(panel)
+        job = job_on_bridge(panel.model)
+        assert_eq((job.model, job.width, job.height), ("demo-copy", 64, 64), "the bridge's job")
+        sent = panel.model._plan.request.loras
+        assert_eq(sent, [{"name": "ink.safetensors", "weight": 0.8}], "LoRAs in the request")
+        panel.shutdown()
+        if not doc.saveAs(str(path)):
+            raise AssertionError(f"saving {path} failed")
+    finally:
+        doc.close()
+    doc = krita().openDocument(str(path))
+    try:
+        stored = document.load_settings(doc)
+        assert_eq(
+            (stored.model, [(lora.name, lora.weight) for lora in stored.loras]),
+            ("demo-copy", [("ink.safetensors", 0.8)]),
+            "settings in the reopened document",
+        )
+        panel = dock.CollagePanel(fakekrita.Host(doc), make_model())
+        panel.refresh()
+        m = panel.model_section
+        assert_eq(m.model.currentText(), "demo-copy · Stable Diffusion 1.x", "picker after reopening")
+        assert_eq(
+            [(r.name, r.weight.value()) for r in m.rows],
+            [("ink.safetensors", 0.8)],
+            "LoRA list after reopening",
+        )
+        m.rows[0].remove.click()  # the same job without the LoRA: another picture
+        without = generate_in_panel(panel)
+        assert_eq(job_on_bridge(panel.model).model, "demo-copy", "model of the job without LoRA")
+        if without == with_lora:
+            raise AssertionError("the LoRA chosen in the dock did not change the picture")
+        m.add_lora("ink.safetensors", 0.8)  # and with it again: the first picture, byte for byte
+        assert_eq(generate_in_panel(panel) == with_lora, True, "the LoRA's picture again")
+        panel.shutdown()
+        report["detail"] = f"model demo-copy + ink.safetensors 0.8, saved in {path.name} and restored"
+    finally:
+        doc.close()
+
+
 @check(needs_bridge=True)
 def generate_on_sdxl(report):
     """The dock on a bridge whose model is an SDXL (the tiny one): /info says so, the auto size is
