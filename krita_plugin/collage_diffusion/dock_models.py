@@ -47,6 +47,7 @@ class LoraRow(W.QWidget):
 
     def show_mark(self, mark: str) -> None:
         self.label.setText(f"{self.name} ({mark})" if mark else self.name)
+        self.label.setToolTip(f"{self.name}: {mark}" if mark else self.name)  # the dock may cut the text
         self.label.setStyleSheet(WARN_STYLE if mark else "")
 
 
