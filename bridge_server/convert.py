@@ -161,6 +161,7 @@ def to_collage(request: wire.JobRequest, config: BridgeConfig) -> Converted:
         strength=float(request.strength),
         model=request.model or config.model,
         scheduler=request.scheduler,
+        clip_skip=request.clip_skip,
         background=background,
     )
     if hasattr(collage, "feather_px"):

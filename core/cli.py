@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, help="SDEdit strength for layers that set none, 0..1")
     gen.add_argument("--guidance", type=float, dest="guidance_scale")
     gen.add_argument("--scheduler", choices=SCHEDULERS)
+    gen.add_argument(
+        "--clip-skip",
+        type=int,
+        help="text encoder layer to read, 1 = last, 2 = penultimate (A1111's count); "
+        "default: the model's (SD 1/2: 1, SDXL: 2)",
+    )
     gen.add_argument("--variants", type=int, default=1, help="number of images, seeds seed, seed+1, ...")
     gen.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     gen.add_argument(
@@ -119,7 +125,16 @@ def _size_arg(text: str):
 
 
 def _apply_overrides(collage, args) -> None:
-    for field in ("prompt", "negative_prompt", "steps", "seed", "strength", "guidance_scale", "scheduler"):
+    for field in (
+        "prompt",
+        "negative_prompt",
+        "steps",
+        "seed",
+        "strength",
+        "guidance_scale",
+        "scheduler",
+        "clip_skip",
+    ):
         value = getattr(args, field, None)
         if value is not None:
             setattr(collage, field, value)

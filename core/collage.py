@@ -19,6 +19,7 @@ RGB = tuple[int, int, int]
 
 #: Names accepted for `Collage.scheduler`; "default" keeps the model's own scheduler.
 SCHEDULERS = ("default", "ddim", "euler", "dpm++2m")
+MAX_CLIP_SKIP = 12  # CLIP-L's layers; a model with fewer is checked when it is loaded
 
 
 class CollageError(ValueError):
@@ -100,6 +101,8 @@ class Collage:
     model: str | None = None  # model reference; None = whatever the runner was started with
     scheduler: str = "default"
     feather_px: int = 4  # blend width inside the border of regenerated regions (paste-back)
+    # Text encoder layer read (A1111's count: 1 = last, 2 = penultimate); None = the family's default.
+    clip_skip: int | None = None
     # The canvas under the layers: an RGB colour, or an RGB/RGBA image of the canvas size.
     background: RGB | np.ndarray = (255, 255, 255)
 
@@ -133,6 +136,13 @@ class Collage:
             problems.append(f"feather_px: must be a whole number in 0..64, got {self.feather_px!r}")
         if self.scheduler not in SCHEDULERS:
             problems.append(f"scheduler: must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.clip_skip is not None and (
+            not _is_int(self.clip_skip) or not 1 <= self.clip_skip <= MAX_CLIP_SKIP
+        ):
+            problems.append(
+                f"clip_skip: must be a whole number in 1..{MAX_CLIP_SKIP} or null (the model's default),"
+                f" got {self.clip_skip!r}"
+            )
         if _is_int(self.width) and _is_int(self.height):
             problems += _background_problems(self.background, self.width, self.height)
 

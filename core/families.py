@@ -22,6 +22,9 @@ import torch
 
 from krita_plugin.collage_diffusion import wire_sizes
 
+from .prompt_encoding import EncoderReading, PromptChunks, chunk_prompt, encode_chunks, paired
+from .prompt_syntax import weighted_text
+
 CONFIGS_DIR = Path(__file__).parent / "assets" / "configs"
 
 
@@ -86,6 +89,11 @@ class ModelFamily:
     # half precision: sizes variant batches (an out-of-memory error halves them). Estimates, not
     # measured on a GPU here: SDXL's deep stacks and float32 VAE decode cost more than SD 1.5's.
     bytes_per_latent_pixel: int = 150_000
+    # Clip skip (A1111's count: 1 = the last layer's output, 2 = the penultimate hidden state, ...)
+    # when a request gives none, and whether a skipped-to hidden state goes through the encoder's
+    # final layer norm (SD 1/2: yes, as A1111 and diffusers do; SDXL was trained on the raw one).
+    default_clip_skip: int = 1
+    clip_skip_layer_norm: bool = True
 
     @property
     def pipeline_class(self):
@@ -102,13 +110,42 @@ class ModelFamily:
         """The shipped diffusers config of this family's full-size ControlNets, if any."""
         return CONFIGS_DIR / self.controlnet_config_name if self.controlnet_config_name else None
 
-    # --- prompts -------------------------------------------------------------------------
+    # --- prompts ---------------------------------------------------------------------------
     def encode_prompt(
-        self, pipe, prompt: str, negative_prompt: str | None, device, guidance: bool, size: tuple[int, int]
+        self,
+        pipe,
+        prompt: str | PromptChunks,
+        negative_prompt: str | None,
+        device,
+        guidance: bool,
+        size: tuple[int, int],
+        clip_skip: int | None = None,
     ) -> PromptConditioning:
-        """Encode the prompt (and negative prompt) as the family's stock pipeline would.
-        `size` is the generation size (height, width) in pixels."""
+        """Encode the prompt (and negative prompt), emphasis syntax and long prompts included
+        (`core.prompt_encoding`); a short plain prompt gives what the stock pipeline gives.
+        `prompt` may come chunked already (`core.tokens.token_spans`, whose token positions then
+        hold); `size` is the generation size (height, width) in pixels; `clip_skip` None means
+        the family's `default_clip_skip`."""
         raise NotImplementedError
+
+    def chunked(
+        self, pipe, prompt: str | PromptChunks, negative_prompt: str | None
+    ) -> tuple[PromptChunks, PromptChunks | None]:
+        """Prompt and negative prompt (None: none) chunked and padded to the same length."""
+        if isinstance(prompt, str):
+            prompt = chunk_prompt(pipe.tokenizer, weighted_text(prompt))
+        negative = (
+            None if negative_prompt is None else chunk_prompt(pipe.tokenizer, weighted_text(negative_prompt))
+        )
+        return paired(prompt, negative)
+
+    def reading(self, clip_skip: int | None) -> EncoderReading:
+        skip = self.default_clip_skip if clip_skip is None else clip_skip
+        return EncoderReading(skip, self.clip_skip_layer_norm)
+
+    def max_clip_skip(self, pipe) -> int:
+        """The largest clip skip this model's text encoders allow (their hidden layers)."""
+        return min(getattr(pipe, slot.encoder).config.num_hidden_layers for slot in self.text_encoders)
 
     def encode_ids(
         self, pipe, ids: list[torch.Tensor], size: tuple[int, int]
@@ -140,9 +177,16 @@ class ModelFamily:
 class StableDiffusionFamily(ModelFamily):
     """SD 1.x and 2.x: one CLIP encoder; the U-Net's context is its last hidden states."""
 
-    def encode_prompt(self, pipe, prompt, negative_prompt, device, guidance, size):
-        cond, uncond = pipe.encode_prompt(prompt, device, 1, guidance, negative_prompt=negative_prompt)
-        return PromptConditioning(cond, uncond if guidance else None)
+    def encode_prompt(self, pipe, prompt, negative_prompt, device, guidance, size, clip_skip=None):
+        cond, uncond = self.chunked(pipe, prompt, (negative_prompt or "") if guidance else None)
+        reading = self.reading(clip_skip)
+        dtype = pipe.text_encoder.dtype
+
+        def encode(chunks: PromptChunks) -> torch.Tensor:
+            hidden, _ = encode_chunks(pipe.text_encoder, pipe.tokenizer, chunks, reading)
+            return hidden.to(dtype=dtype, device=device)
+
+        return PromptConditioning(encode(cond), encode(uncond) if uncond is not None else None)
 
     def encode_ids(self, pipe, ids, size):
         (token_ids,) = ids
@@ -162,19 +206,37 @@ class StableDiffusionXLFamily(ModelFamily):
     """SDXL base and its fine-tunes: two encoders (CLIP-L, OpenCLIP-bigG), penultimate hidden
     states concatenated; the pooled bigG embedding and six `time_ids` go in as added conditioning."""
 
-    def encode_prompt(self, pipe, prompt, negative_prompt, device, guidance, size):
-        cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
-            prompt=prompt,
-            device=device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=guidance,
-            negative_prompt=negative_prompt,
-        )
-        time_ids = _time_ids(size, 1, device, cond.dtype)
+    def encode_prompt(self, pipe, prompt, negative_prompt, device, guidance, size, clip_skip=None):
+        # As diffusers: no negative prompt on a model with `force_zeros_for_empty_prompt` (SDXL
+        # base) means zeros, not the encoded empty prompt.
+        zeros = negative_prompt is None and getattr(pipe.config, "force_zeros_for_empty_prompt", False)
+        negative = None if not guidance or zeros else (negative_prompt or "")
+        cond, uncond = self.chunked(pipe, prompt, negative)
+        reading = self.reading(clip_skip)
+        dtype = pipe.text_encoder_2.dtype
+
+        def encode(chunks: PromptChunks) -> tuple[torch.Tensor, torch.Tensor]:
+            # Both encoders see the same chunks; their features sit side by side. The pooled
+            # embedding is the second encoder's for the first chunk, as ComfyUI takes it.
+            hidden_l, _ = encode_chunks(pipe.text_encoder, pipe.tokenizer, chunks, reading)
+            hidden_g, out_g = encode_chunks(pipe.text_encoder_2, pipe.tokenizer_2, chunks, reading)
+            context = torch.cat([hidden_l, hidden_g.to(hidden_l.device)], dim=-1)
+            return context.to(dtype=dtype, device=device), out_g.text_embeds[:1].to(device)
+
+        context, pooled = encode(cond)
+        time_ids = _time_ids(size, 1, device, context.dtype)
         added = {"text_embeds": pooled, "time_ids": time_ids}
         if not guidance:
-            return PromptConditioning(cond, None, added)
-        return PromptConditioning(cond, uncond, added, {"text_embeds": pooled_uncond, "time_ids": time_ids})
+            return PromptConditioning(context, None, added)
+        if uncond is None:  # zeros
+            return PromptConditioning(
+                context,
+                torch.zeros_like(context),
+                added,
+                {"text_embeds": torch.zeros_like(pooled), "time_ids": time_ids},
+            )
+        context_u, pooled_u = encode(uncond)
+        return PromptConditioning(context, context_u, added, {"text_embeds": pooled_u, "time_ids": time_ids})
 
     def encode_ids(self, pipe, ids, size):
         ids_l, ids_g = ids
@@ -253,6 +315,8 @@ SDXL = StableDiffusionXLFamily(
     canny_controlnet="diffusers/controlnet-canny-sdxl-1.0",
     bytes_per_latent_pixel=250_000,
     controlnet_config_name="sdxl-controlnet",
+    default_clip_skip=2,  # the penultimate layer, as SDXL was trained and diffusers encodes it
+    clip_skip_layer_norm=False,
 )
 
 FAMILIES: dict[str, ModelFamily] = {f.id: f for f in (SD1, SD2, SDXL)}

@@ -22,6 +22,7 @@ from .compositing import CompositeResult, composite, place_layer
 from .families import SD1, ModelFamily, PromptConditioning
 from .inversion import appearance_tokens
 from .progress import CancelFlag, Progress, ProgressCallback, check_cancel
+from .prompt_encoding import CHUNK_TOKENS, MAX_CHUNKS
 from .schedulers import make_scheduler
 from .strength import StrengthPlan, paste_back, plan_strength, region_mask, strength_map
 from .tokens import TokenSpans, token_spans
@@ -151,8 +152,9 @@ def generate(
     flat = composite(collage)
     start_image, pixel_strength = start_and_strength(collage, flat, regenerate)
     texts = [layer.text for layer in flat.layers]
+    _check_clip_skip(model, collage)
     spans = token_spans(pipe.tokenizer, collage.prompt, texts)
-    warnings = _truncation_warnings(pipe.tokenizer, flat, spans)
+    warnings = _truncation_warnings(flat, spans)
     factor = pipe.vae_scale_factor
     latent_size = (collage.height // factor, collage.width // factor)
     plan = plan_strength(pixel_strength, latent_size, collage.steps, collage.feather_px)
@@ -165,16 +167,17 @@ def generate(
     with appearance_tokens(model, collage, flat, report=report, cancel=cancel) as prefixes:
         if any(prefixes):
             spans = token_spans(pipe.tokenizer, collage.prompt, texts, prefixes)
-            warnings = _truncation_warnings(pipe.tokenizer, flat, spans)
+            warnings = _truncation_warnings(flat, spans)
         report(Progress("encoding", 0, 1))
         check_cancel(cancel)
         conditioning = model.family.encode_prompt(
             pipe,
-            spans.prompt,
+            spans.chunks,
             collage.negative_prompt or None,
             device,
             do_cfg,
             (collage.height, collage.width),
+            collage.clip_skip,
         )
     vae = VaeCodec(pipe.vae, model.family.vae_needs_upcast(pipe.vae, dtype), dtype)
     z0 = vae.encode(image_to_tensor(start_image, device, dtype))
@@ -214,12 +217,23 @@ def generate(
     return GenerationResult(images=images, composite=start_image, prompt=spans.prompt, warnings=warnings)
 
 
-def _truncation_warnings(tokenizer, flat: CompositeResult, spans: TokenSpans) -> list[str]:
+def _truncation_warnings(flat: CompositeResult, spans: TokenSpans) -> list[str]:
     return [
-        f"the words of layer '{flat.layers[i].text}' fall past the text encoder's"
-        f" {tokenizer.model_max_length}-token limit and are ignored; shorten the prompt"
+        f"the words of layer '{flat.layers[i].text}' fall past the prompt limit of {MAX_CHUNKS}"
+        f" chunks of {CHUNK_TOKENS} tokens and are ignored; shorten the prompt"
         for i in spans.truncated
     ]
+
+
+def _check_clip_skip(model, collage: Collage) -> None:
+    """clip_skip within the loaded text encoders' layers (the wire allows up to 12)."""
+    most = model.family.max_clip_skip(model.pipeline)
+    if collage.clip_skip is not None and collage.clip_skip > most:
+        raise CollageError(
+            [
+                f"clip_skip: this model's text encoder has {most} layers; use 1..{most}, got {collage.clip_skip}"
+            ]
+        )
 
 
 def start_and_strength(

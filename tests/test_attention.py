@@ -22,7 +22,7 @@ from core.collage import Collage, Layer
 from core.compositing import composite
 from core.generate import SamplingSetup, StepContext, generate
 from core.progress import GenerationCancelled
-from core.tokens import TokenSpans
+from core.tokens import TokenSpans, token_spans
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -274,6 +274,30 @@ def test_zero_weights_give_the_plain_path_exactly(demo_pipeline):
     one = Builder()
     generate(demo_pipeline, mixed, hooks=[one])
     assert one.hooks[0].layers == [1]
+
+
+def test_a_layer_past_token_77_gets_its_bias_on_its_columns(demo_pipeline):
+    """Long prompts: the layers' words sit in the second 77-token chunk of the concatenated
+    context, and the bias lands on exactly those key columns (and moves attention as before)."""
+    filler = ", ".join(["a wooden table in a quiet room"] * 11)
+    art = collage(weight=8.0, prompt=f"{filler}, a red box next to a green leaf")
+    tokenizer = demo_pipeline.pipeline.tokenizer
+    spans = token_spans(tokenizer, art.prompt, ["red box", "green leaf"])
+    ids = spans.chunks.token_ids(tokenizer)[0].reshape(-1)
+    assert [tokenizer.decode(ids[s]) for s in spans.spans] == ["red box", "green leaf"]
+    assert min(min(s) for s in spans.spans) > 77
+    with_bias, without = Builder(record=True), Builder(record_only=True)
+    generate(demo_pipeline, art, hooks=[with_bias])
+    hook = with_bias.hooks[0]
+    assert hook.spans == spans.spans
+    columns = sorted(p for s in spans.spans for p in s)
+    for factors in hook._cache.values():  # the bias of the last call at each resolution
+        assert factors.bias.shape[-1] == 2 * 77  # the keys of both chunks
+        conditional = factors.bias[factors.start :]
+        assert conditional.abs().sum((0, 1, 2)).nonzero().flatten().tolist() == columns
+        assert not factors.bias[: factors.start].any()  # the negative prompt's half: no bias
+    generate(demo_pipeline, art, hooks=[without])
+    assert (hook.mass_inside() > without.hooks[0].mass_inside() + 0.2).all()
 
 
 def test_bias_changes_the_image(demo_pipeline):

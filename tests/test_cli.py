@@ -84,6 +84,8 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(demo_model_dir, tmp_path,
     assert "--output: must end in .png or .ora" in capsys.readouterr().err
     assert main(["generate", str(EXAMPLES / "room.ora"), "-o", str(out), "--strength", "2"]) == 2
     assert "strength: must be in 0..1" in capsys.readouterr().err
+    assert main(["generate", str(EXAMPLES / "room.ora"), "-o", str(out), "--clip-skip", "0"]) == 2
+    assert "clip_skip: must be a whole number in 1..12" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -603,6 +603,14 @@ def test_collage_settings_round_trip(tmp_path: Path):
     assert data["seed"] == 4 and data["layers"]["a bun"] == {"strength": 0.5}
 
 
+def test_clip_skip_setting(tmp_path: Path):
+    c = load_collage(save_ora(tmp_path / "a.ora", sample_tree(), 64, 64, settings={"clip_skip": 2})).collage
+    assert c.clip_skip == 2 and collage_settings(c)["clip_skip"] == 2
+    assert load_collage(save_ora(tmp_path / "b.ora", sample_tree(), 64, 64)).collage.clip_skip is None
+    with pytest.raises(ValueError, match="clip_skip: must be a whole number or null"):
+        save_ora(tmp_path / "c.ora", sample_tree(), 64, 64, settings={"clip_skip": "2"})
+
+
 def test_save_png(tmp_path: Path):
     for shape in [(5, 7, 3), (5, 7, 4), (5, 7)]:
         image = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)

@@ -469,3 +469,35 @@ def test_generate_appearance_changes_the_prompt_encoding(demo_pipeline, small_in
     learned = generate(demo_pipeline, sushi_collage(appearance=True))
     assert "<collage-" not in plain.prompt
     assert not np.array_equal(plain.images[0].image, learned.images[0].image)
+
+
+@wired
+def test_appearance_token_in_a_long_prompt(demo_pipeline, small_inversion):
+    """The learned token goes before the layer's words in whatever chunk they sit, joins the
+    layer's span there, and is what that chunk is encoded with."""
+    from core.families import SD1
+    from core.generate import generate
+
+    filler = ", ".join(["a wooden table in a quiet room"] * 11)
+    collage = sushi_collage(prompt=f"{filler}, salmon sushi on a green leaf")
+    flat = composite(collage)
+    pipe = demo_pipeline.pipeline
+    with appearance_tokens(demo_pipeline, collage, flat) as prefixes:
+        spans = token_spans(pipe.tokenizer, collage.prompt, [layer.text for layer in flat.layers], prefixes)
+        ids = spans.chunks.token_ids(pipe.tokenizer)[0]
+        span = spans.spans[1]
+        assert spans.chunks.n_chunks == 2 and min(span) > 77
+        flat_ids = ids.reshape(-1)
+        assert pipe.tokenizer.convert_ids_to_tokens(int(flat_ids[span[0]])) == prefixes[1]
+        assert pipe.tokenizer.convert_ids_to_tokens(flat_ids[span[1:]].tolist()) == [
+            "salmon</w>",
+            "sushi</w>",
+        ]
+        c = SD1.encode_prompt(pipe, spans.chunks, None, demo_pipeline.device, False, (64, 64))
+        with torch.no_grad():
+            second = pipe.text_encoder(ids[1:2])[0]  # chunk 1 alone, with the spliced embedding
+        torch.testing.assert_close(c.cond[:, 77:], second, rtol=0, atol=1e-6)
+    plain = generate(demo_pipeline, sushi_collage(appearance=False, prompt=collage.prompt))
+    learned = generate(demo_pipeline, collage)
+    assert "<collage-" in learned.prompt and not learned.warnings
+    assert not np.array_equal(plain.images[0].image, learned.images[0].image)

@@ -57,17 +57,92 @@ def test_text_missing_from_prompt_is_appended(tokenizer):
     assert token_spans(tokenizer, "", ["rice"]).prompt == "rice"
 
 
-def test_words_past_77_tokens_are_reported_truncated(tokenizer):
+def chunk_ids(tokenizer, result):
+    """The encoded sequence: every chunk's 77 ids, concatenated."""
+    ids, _mask = result.chunks.token_ids(tokenizer)
+    return ids.reshape(-1).tolist()
+
+
+def test_words_past_77_tokens_land_in_the_next_chunk(tokenizer):
     prompt = " ".join(["red"] * 80) + " teapot"
     result = token_spans(tokenizer, prompt, ["red", "teapot"])
+    assert result.chunks.n_chunks == 2 and not result.truncated
+    assert result.spans[0] == [1]
+    # Chunk 0 holds 75 "red"; chunk 1 starts at 77 with its start token, then 5 "red", "teapot".
+    assert result.spans[1] == [77 + 1 + 5]
+    ids = chunk_ids(tokenizer, result)
+    assert len(ids) == 2 * 77
+    assert tokenizer.decode([ids[83]]) == "teapot"
+    assert ids[0] == ids[77] == tokenizer.bos_token_id and ids[76] == ids[84] == tokenizer.eos_token_id
+
+
+def test_words_past_the_last_chunk_are_reported_truncated(tokenizer):
+    prompt = " ".join(["red"] * 80) + " teapot"
+    result = token_spans(tokenizer, prompt, ["red", "teapot"], max_chunks=1)
     assert result.spans[0] == [1]
     assert result.spans[1] == [] and result.truncated == [1]
-    assert all(p < tokenizer.model_max_length - 1 for span in result.spans for p in span)
+    assert result.chunks.n_chunks == 1
+
+
+def test_a_full_chunk_ends_after_a_late_comma(tokenizer):
+    # 70 words, a comma, 10 more: the comma is the 71st token, within the last 20 of a full
+    # chunk, so chunk 0 ends after it (A1111's rule) and the words after it move to chunk 1.
+    prompt = " ".join(["red"] * 70) + ", " + " ".join(["blue"] * 10)
+    result = token_spans(tokenizer, prompt, ["blue"])
+    assert result.chunks.bounds == [(0, 71), (71, 81)]
+    ids = chunk_ids(tokenizer, result)
+    assert tokenizer.decode([ids[70 + 1]]) == "," and ids[72] == tokenizer.eos_token_id
+    assert result.spans[0] == [78]  # the first "blue" opens chunk 1
+    # A comma earlier than the last 20 tokens does not move the cut.
+    early = token_spans(tokenizer, "red, " + " ".join(["blue"] * 80), ["red"])
+    assert early.chunks.bounds[0] == (0, 75)
+
+
+def test_a_word_is_not_cut_between_chunks(tokenizer):
+    word = "photorealistic"
+    pieces = len(tokenizer.tokenize(word))
+    assert pieces > 1
+    prompt = " ".join(["red"] * 74) + " " + word + " teapot"  # the word straddles token 75
+    result = token_spans(tokenizer, prompt, [word])
+    assert result.chunks.bounds[0] == (0, 74)
+    assert result.spans[0] == [77 + 1 + i for i in range(pieces)]
+    ids = chunk_ids(tokenizer, result)
+    assert tokenizer.decode([ids[p] for p in result.spans[0]]) == word
+
+
+def test_emphasis_is_taken_out_and_weighs_the_tokens(tokenizer):
+    result = token_spans(tokenizer, "a (red scarf:1.3) on a [chair]", ["red scarf", "chair"])
+    assert result.prompt == "a red scarf on a chair"
+    assert result.spans == [[2, 3], [6]]
+    chunks = result.chunks
+    assert chunks.weights == pytest.approx([1.0, 1.3, 1.3, 1.0, 1.0, 1 / 1.1])
+    assert chunks.weight_matrix()[0, 2].item() == pytest.approx(1.3)
+
+
+def test_a_layer_text_with_emphasis_finds_its_words_and_weighs_them(tokenizer):
+    result = token_spans(tokenizer, "a red  scarf on a chair", ["(red scarf:1.3)", "[lamp]"])
+    assert result.prompt == "a red  scarf on a chair, lamp"
+    assert result.spans[0] == [2, 3]
+    assert [result.chunks.weights[t - 1] for t in result.spans[0]] == pytest.approx([1.3, 1.3])
+    assert result.chunks.weights[result.spans[1][0] - 1] == pytest.approx(1 / 1.1)
+    # Without emphasis of its own a layer keeps the prompt's weights.
+    kept = token_spans(tokenizer, "a (red scarf:1.2)", ["red scarf"])
+    assert [kept.chunks.weights[t - 1] for t in kept.spans[0]] == pytest.approx([1.2, 1.2])
+    # Only syntax, no words: no tokens, nothing appended, no crash.
+    assert token_spans(tokenizer, "a cat", ["()"]).spans == [[]]
 
 
 def test_locate_texts_character_ranges():
     prompt, ranges = locate_texts("Salmon sushi on rice", ["salmon sushi", "rice", "tea"])
     assert [prompt[a:b] for a, b in ranges] == ["Salmon sushi", "rice", "tea"]
+
+
+def test_prefixes_in_a_later_chunk(tokenizer):
+    prompt = " ".join(["red"] * 80) + " sliced ginger"
+    result = token_spans(tokenizer, prompt, ["sliced ginger"], ["<l0>"])
+    ids = chunk_ids(tokenizer, result)
+    assert all(p > 77 for p in result.spans[0])
+    assert tokenizer.decode([ids[p] for p in result.spans[0]]).replace(" ", "") == "<l0>slicedginger"
 
 
 def test_prefixes_go_before_the_layer_words_and_join_the_span(tokenizer):

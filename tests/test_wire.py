@@ -68,6 +68,10 @@ def test_defaults_agree_with_core():
         assert f.name in layer_fields, f"LayerSpec lacks Layer.{f.name}"
         assert layer_fields[f.name].default == f.default, f.name
     assert wire.SCHEDULERS == SCHEDULERS
+    from core.collage import MAX_CLIP_SKIP
+    from krita_plugin.collage_diffusion import wire_request
+
+    assert wire_request.MAX_CLIP_SKIP == MAX_CLIP_SKIP
 
 
 @pytest.mark.parametrize(
@@ -84,6 +88,9 @@ def test_defaults_agree_with_core():
         (dict(guidance_scale="7"), "guidance_scale: must be a number"),
         (dict(scheduler="plms"), "scheduler: must be one of"),
         (dict(feather_px=100), "feather_px: must be a whole number in 0..64"),
+        (dict(clip_skip=0), "clip_skip: must be a whole number in 1..12, got 0"),
+        (dict(clip_skip=13), "clip_skip: must be a whole number in 1..12, got 13"),
+        (dict(clip_skip=2.0), "clip_skip: must be a whole number in 1..12, got 2.0"),
         (dict(prompt=None), "prompt: must be text"),
         (dict(prompt="x" * 5000), "prompt: 5000 characters"),
         (dict(background=[0, 0]), "background: must be an RGB colour"),
@@ -264,3 +271,14 @@ def test_loras_are_optional_and_round_trip():
     req = request(loras=[{"name": "styles/ink", "weight": -1.5}, {"name": "paper"}])
     assert req.validate() == []
     assert wire.JobRequest.from_json(req.to_json()).loras == req.loras
+
+
+def test_clip_skip_reaches_the_collage(tmp_path):
+    from bridge_server.config import BridgeConfig
+    from bridge_server.convert import to_collage
+    from bridge_server.testing import small_request
+
+    config = BridgeConfig(data_dir=tmp_path)
+    assert to_collage(small_request(clip_skip=2), config).collage.clip_skip == 2
+    assert to_collage(small_request(), config).collage.clip_skip is None  # the model's default
+    assert small_request(clip_skip=2).validate() == []

@@ -17,7 +17,7 @@ import numpy as np
 from ..collage import RGB, Layer
 from .document import DocumentError, LoadedDocument, build_document
 from .images import read_png
-from .settings import COLLAGE_KEYS, LAYER_KEYS, DocumentSettings, check_value, describe
+from .settings import COLLAGE_KEYS, LAYER_KEYS, NULLABLE_KEYS, DocumentSettings, check_value, describe
 
 MANIFESTS = ("collage.toml", "collage.json")
 _WHOLE, _NUMBER, _TEXT, _BOOL = "a whole number", "a number", "text", "true or false"
@@ -58,7 +58,7 @@ def read_folder(folder: Path) -> LoadedDocument:
             continue
         if key not in TOP_KEYS:
             problems.append(f"unknown key {key!r} (known: {', '.join([*TOP_KEYS, 'layers'])})")
-        elif not check_value(value, TOP_KEYS[key], nullable=key == "model"):
+        elif not check_value(value, TOP_KEYS[key], nullable=key in NULLABLE_KEYS):
             problems.append(f"{key}: must be {describe(TOP_KEYS[key])}, got {value!r}")
         else:
             top[key] = value

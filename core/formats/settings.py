@@ -7,6 +7,7 @@ Schema (every key optional; unknown keys are errors so that typos do not pass si
       "prompt": "a bento box",            "negative_prompt": "",
       "seed": 0, "steps": 30, "guidance_scale": 7.5, "strength": 0.75,
       "scheduler": "default",             "model": null,
+      "clip_skip": null,                   # 1 = last layer, 2 = penultimate; null = the model's
       "layers": {                          # keyed by the layer's name in the document
         "Layer 3": {"text": "salmon sushi", "strength": 0.6, "attention_weight": 1.0,
                     "control_weight": 0.0, "appearance": false}
@@ -43,7 +44,10 @@ COLLAGE_KEYS: dict[str, str] = {
     "strength": _NUMBER,
     "scheduler": _TEXT,
     "model": _TEXT,
+    "clip_skip": _WHOLE,
 }
+#: collage-level keys that may be null (the runner's model, the model's clip skip).
+NULLABLE_KEYS = ("model", "clip_skip")
 #: per-layer keys → type.
 LAYER_KEYS: dict[str, str] = {
     "text": _TEXT,
@@ -128,7 +132,7 @@ def parse_settings(data: object) -> tuple[DocumentSettings, list[str]]:
             else:
                 settings.results = list(value)
         elif key in COLLAGE_KEYS:
-            nullable = key == "model"
+            nullable = key in NULLABLE_KEYS
             if check_value(value, COLLAGE_KEYS[key], nullable=nullable):
                 settings.collage[key] = value
             else:

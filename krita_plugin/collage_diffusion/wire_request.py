@@ -21,6 +21,7 @@ from .wire_protocol import API_VERSION, SCHEDULERS, Limits, WireError
 
 MAX_LORAS = 8
 MAX_LORA_WEIGHT = 4.0  # as core.loras.MAX_WEIGHT
+MAX_CLIP_SKIP = 12  # as core.collage.MAX_CLIP_SKIP
 
 
 @dataclass
@@ -71,6 +72,7 @@ class JobRequest:
     strength: float = 0.75
     scheduler: str = "default"
     feather_px: int = 4  # blend width inside the border of regenerated regions
+    clip_skip: int | None = None  # text encoder layer, 1 = last, 2 = penultimate; None = the model's
     model: str | None = None  # one of the bridge's allowed models (InfoResponse.models); None = default
     background: list[int] = field(default_factory=lambda: [255, 255, 255])  # RGB under the layers
     background_png: bytes | None = None  # or a canvas-size RGB/RGBA PNG under the layers
@@ -174,6 +176,8 @@ class JobRequest:
         _check_number(p, "guidance_scale", self.guidance_scale, 0.0, 100.0)
         _check_number(p, "strength", self.strength, 0.0, 1.0)
         _check_int(p, "feather_px", self.feather_px, 0, 64)
+        if self.clip_skip is not None:
+            _check_int(p, "clip_skip", self.clip_skip, 1, MAX_CLIP_SKIP)
         if self.scheduler not in SCHEDULERS:
             p.append(f"scheduler: must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
