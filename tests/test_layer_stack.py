@@ -145,3 +145,10 @@ def test_demo_generation_stack_recomposes_and_fills(demo_pipeline):
     # Same seed, same fill: the pass is deterministic.
     again = stack_results(demo_pipeline, collage, result, (64, 64)).stacks[0]
     assert np.array_equal(again.layers[0].image, stack.layers[0].image)
+
+
+def test_fill_phase_is_a_wire_phase():
+    from core.progress import FILL_PHASE
+    from krita_plugin.collage_diffusion import wire
+
+    assert FILL_PHASE == wire.PHASE_FILL and FILL_PHASE in wire.PHASES
