@@ -236,6 +236,7 @@ def build_request(
         guidance_scale=settings.guidance_scale,
         strength=settings.strength,
         model=model,
+        output=settings.output,
     )
     if background is not None:
         request.background = list(background)

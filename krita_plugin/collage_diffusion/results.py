@@ -39,7 +39,11 @@ def image_from_png(png: bytes):
 
 def add_result_layer(doc, png: bytes, name: str, group, visible: bool = True):
     """A new paint layer on top of `group` holding the result `png`, scaled to the document."""
-    image = image_from_png(png)
+    return add_image_layer(doc, image_from_png(png), name, group, visible)
+
+
+def add_image_layer(doc, image, name: str, group, visible: bool = True):
+    """A new paint layer on top of `group` holding the QImage `image`, scaled to the document."""
     w, h = doc.width(), doc.height()
     if (image.width(), image.height()) != (w, h):
         image = image.scaled(
@@ -94,4 +98,10 @@ def top_visible_result(doc, uid_hint: str = ""):
     for node in reversed(group.childNodes()):
         if node.visible() and node.type() == "paintlayer":
             return node
+        if node.visible() and node.type() == "grouplayer":  # a layer stack: its flat result
+            from .results_stack import flat_layer
+
+            flat = flat_layer(node)
+            if flat is not None:
+                return flat
     return None

@@ -29,6 +29,9 @@ SIZE_POLICIES = {
     "1024": "Fit 1024 px",
 }
 
+#: How a result arrives (the wire's `JobRequest.output`): the dock's "Result as" choice.
+OUTPUTS = {"image": "One layer", "layers": "Layer stack"}
+
 #: Ranges of the numeric settings (the wire format's), used to clamp what is read.
 RANGES = {
     "seed": (0, 2**63 - 1),
@@ -64,6 +67,7 @@ class DocumentSettings:
     guidance_scale: float = 7.5
     layers: dict[str, LayerSettings] = field(default_factory=dict)  # by node uniqueId
     results_group: str = ""  # uniqueId of the "Collage results" group
+    output: str = "image"  # a result as one layer ("image") or as a layer stack ("layers")
 
     # -- JSON ----------------------------------------------------------------------------------
 
@@ -94,6 +98,8 @@ class DocumentSettings:
         settings = cls(**_read(cls, data, skip=("layers",)))
         if settings.size_policy not in SIZE_POLICIES:
             settings.size_policy = "auto"
+        if settings.output not in OUTPUTS:
+            settings.output = "image"
         layers = data.get("layers")
         if isinstance(layers, dict):
             for uid, entry in layers.items():
@@ -109,7 +115,9 @@ class DocumentSettings:
         the layers by name). Unusable values are skipped, as everywhere here."""
         if not isinstance(data, dict):
             return cls()
-        settings = cls(**_read(cls, data, skip=("layers", "variants", "size_policy", "results_group")))
+        settings = cls(
+            **_read(cls, data, skip=("layers", "variants", "size_policy", "results_group", "output"))
+        )
         layers = data.get("layers")
         if isinstance(layers, dict):
             for name, entry in layers.items():
