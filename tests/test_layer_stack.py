@@ -152,3 +152,22 @@ def test_fill_phase_is_a_wire_phase():
     from krita_plugin.collage_diffusion import wire
 
     assert FILL_PHASE == wire.PHASE_FILL and FILL_PHASE in wire.PHASES
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_fill_is_nearer_the_surroundings_than_the_object(demo_pipeline):
+    """A fixed slice of benchmarks/eval_pieces.py's "layers" measure on held-out demo collages."""
+    from benchmarks.eval_pieces import HELD_OUT_SEED, configured, fill_distances, make_cases
+    from core.generate import generate
+
+    values = []
+    for case in make_cases(4, HELD_OUT_SEED, "layout"):
+        collage = configured(case, strength=0.7, steps=12, guidance_scale=4.0)
+        result = generate(demo_pipeline, collage)
+        stack = stack_results(demo_pipeline, collage, result, (collage.width, collage.height)).stacks[0]
+        alphas = [_placed_alpha(s, collage.width, collage.height) for s in stack.layers if s.kind == "object"]
+        opaque = opaque_region(alphas, (collage.height, collage.width))
+        values += fill_distances(stack.layers[0].image[..., :3], result.images[0].image, case, opaque)
+    to_object, to_background, nearer = np.mean(values, axis=0)
+    print(f"\nfill: to object {to_object:.0f}, to background {to_background:.0f}, nearer bg {nearer:.2f}")
+    assert to_background < to_object / 2 and nearer >= 0.75
