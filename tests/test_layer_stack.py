@@ -154,6 +154,21 @@ def test_fill_phase_is_a_wire_phase():
     assert FILL_PHASE == wire.PHASE_FILL and FILL_PHASE in wire.PHASES
 
 
+def test_the_plugin_names_the_flat_layer_as_core_does():
+    import ast
+    from pathlib import Path
+
+    from core.layer_stack import FLAT_NAME
+
+    source = Path(__file__).parents[1] / "krita_plugin" / "collage_diffusion" / "results.py"
+    names = {
+        node.targets[0].id: node.value.value
+        for node in ast.parse(source.read_text()).body
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+    }
+    assert names["FLAT_NAME"] == FLAT_NAME
+
+
 @pytest.mark.usefixtures("one_torch_thread")
 def test_the_fill_is_nearer_the_surroundings_than_the_object(demo_pipeline):
     """A fixed slice of benchmarks/eval_pieces.py's "layers" measure on held-out demo collages."""

@@ -90,6 +90,19 @@ def show_only(group, node_uid: str, among: list[str]) -> None:
             node.setVisible(False)
 
 
+#: The name of a layer stack's hidden layer holding the flat result (`results_stack.py`; as
+#: `core.layer_stack.FLAT_NAME`).
+FLAT_NAME = "flat result"
+
+
+def flat_layer(group):
+    """The hidden flat result of a layer-stack group, or None (a group of another kind)."""
+    for node in group.childNodes():
+        if node.type() == "paintlayer" and node.name() == FLAT_NAME:
+            return node
+    return None
+
+
 def top_visible_result(doc, uid_hint: str = ""):
     """The topmost visible layer of the results group (the base for regenerate), or None."""
     group = find_results_group(doc, uid_hint)
@@ -99,8 +112,6 @@ def top_visible_result(doc, uid_hint: str = ""):
         if node.visible() and node.type() == "paintlayer":
             return node
         if node.visible() and node.type() == "grouplayer":  # a layer stack: its flat result
-            from .results_stack import flat_layer
-
             flat = flat_layer(node)
             if flat is not None:
                 return flat

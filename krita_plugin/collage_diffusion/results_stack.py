@@ -7,10 +7,7 @@ the flat result (docs/api.md). Nothing here changes a layer it did not create.
 from __future__ import annotations
 
 from . import qt
-from .results import add_image_layer, ensure_results_group, image_from_png
-
-#: The name of the hidden layer holding the flat result (as `core.layer_stack.FLAT_NAME`).
-FLAT_NAME = "flat result"
+from .results import FLAT_NAME, add_image_layer, ensure_results_group, image_from_png
 
 
 def placed_image(png: bytes, x: int, y: int, width: int, height: int):
@@ -53,11 +50,3 @@ def write_stack_results(
         nodes.append((index, add_stack_group(doc, group, png, name, layers, size, visible=index == 0)))
     doc.refreshProjection()
     return group, [node for _, node in sorted(nodes, key=lambda item: item[0])]
-
-
-def flat_layer(group):
-    """The hidden flat result of a stack group, or None (a group of another kind)."""
-    for node in group.childNodes():
-        if node.type() == "paintlayer" and node.name() == FLAT_NAME:
-            return node
-    return None
