@@ -20,7 +20,11 @@ the piece that targets it switched on:
 * harmonization vs fidelity per layer (per-layer strength, §4): two objects come as cut-outs with
   a patch of a different background around them (hard seams); the first is to be kept, the second
   to fit in. Fidelity = mean |generated - layer| inside the first object; seam = mean gradient
-  magnitude on the second's patch border. `--measures` picks a subset of the four.
+  magnitude on the second's patch border.
+* layer stacks (output "layers"): inside each object's opaque place, the mean RGB distance of the
+  background layer to the object's colour (want large) and to the colour of the background around
+  it (want small), and the share of pixels nearer the latter: no fill, a plain Telea inpaint, and
+  the engine's fill pass. `--measures` picks a subset of the five.
 
     python -m benchmarks.eval_pieces --n 20            # the shipped demo model
     python -m benchmarks.eval_pieces --model FILE.safetensors   # a file from training/export.py
@@ -412,11 +416,76 @@ def eval_harmonization(model, args, gallery: Gallery, common: dict) -> list[Row]
     return rows
 
 
+def fill_distances(fill: np.ndarray, result: np.ndarray, case: Case, opaque: np.ndarray) -> list[float]:
+    """Per object: mean distance (RGB, 0..441) of the fill inside its opaque place to the object's
+    colour (its mean in the result), and to the surrounding background's (the result's mean in a
+    ring around the object, outside every object layer); the share of pixels nearer the latter."""
+    out = []
+    for visible in case.visible:
+        inside = opaque & (visible > 0.5)
+        ring = cv2.dilate((visible > 0).astype(np.uint8), np.ones((17, 17), np.uint8)).astype(bool) & ~opaque
+        if not inside.any() or not ring.any():
+            continue
+        px = fill[inside].astype(float)
+        d_obj = np.linalg.norm(px - result[inside].astype(float).mean(0), axis=1)
+        d_bg = np.linalg.norm(px - result[ring].astype(float).mean(0), axis=1)
+        out.append((d_obj.mean(), d_bg.mean(), (d_bg < d_obj).mean()))
+    return out
+
+
+def eval_layers(model, args, gallery: Gallery, common: dict) -> list[Row]:
+    """Layer stacks: is the background filled under the objects far from them, near what surrounds them?"""
+    from core.layer_stack import opaque_region, split_result, stack_results
+
+    section, measure = "layer stack background", "to object ↑ / to bg ↓ / nearer bg ↑"
+    values: dict[str, list] = {
+        "no fill (result shows)": [],
+        "Telea pre-fill only": [],
+        "+ engine fill pass": [],
+    }
+    secs, gen_secs = [], []
+    for k, case in enumerate(make_cases(args.n, args.seed, "layout")):
+        collage = configured(case, strength=args.strength, **common)
+        t0 = time.perf_counter()
+        result = generate(model, collage)
+        gen_secs.append(time.perf_counter() - t0)
+        image = result.images[0].image
+        t0 = time.perf_counter()
+        stack = stack_results(model, collage, result, (SIZE, SIZE)).stacks[0]
+        secs.append(time.perf_counter() - t0)
+        objects = split_result(collage, image, None, 0).layers[1:-1]
+        opaque = opaque_region([_placed_alpha(o) for o in objects], (SIZE, SIZE))
+        telea = cv2.inpaint(np.ascontiguousarray(image), opaque.astype(np.uint8), 5, cv2.INPAINT_TELEA)
+        fills = {"no fill (result shows)": image, "Telea pre-fill only": telea}
+        fills["+ engine fill pass"] = stack.layers[0].image[..., :3]
+        gallery.add(section, "result", k, image)
+        for label, fill in fills.items():
+            values[label] += fill_distances(fill, image, case, opaque)
+            gallery.add(section, label, k, fill)
+    rows = []
+    for label, vals in values.items():
+        d_obj, d_bg, nearer = np.mean(vals, axis=0)
+        # s/image: the generation's time on the first row, the fill pass's on the last
+        cost = (
+            np.mean(secs) if label.startswith("+") else np.mean(gen_secs) if label.startswith("no") else 0.0
+        )
+        rows.append((measure, label, f"{d_obj:.0f} / {d_bg:.0f} / {nearer:.2f}", d_bg, cost))
+    return rows
+
+
+def _placed_alpha(layer) -> np.ndarray:
+    alpha = np.zeros((SIZE, SIZE), np.uint8)
+    (x, y), (h, w) = layer.offset, layer.image.shape[:2]
+    alpha[y : y + h, x : x + w] = layer.image[..., 3]
+    return alpha
+
+
 MEASURES = {
     "spatial": eval_spatial,
     "structure": eval_structure,
     "appearance": eval_appearance,
     "harmonization": eval_harmonization,
+    "layers": eval_layers,
 }
 
 

@@ -19,7 +19,11 @@ JOB_ID = "{job_id:[0-9a-f]{32}}"
 
 def _path(template: str) -> str:
     """A wire route with the bridge's patterns: job ids are 32 hex digits, indexes numbers."""
-    return template.replace("{job_id}", JOB_ID).replace("{index}", r"{index:\d{1,4}}")
+    return (
+        template.replace("{job_id}", JOB_ID)
+        .replace("{index}", r"{index:\d{1,4}}")
+        .replace("{layer}", r"{layer:\d{1,4}}")
+    )
 
 
 ROUTES = [
@@ -33,6 +37,7 @@ ROUTES = [
     web.get(_path(wire.ROUTE_JOB_EVENTS), handlers.events, allow_head=False),
     web.get(_path(wire.ROUTE_JOB_WS), handlers.websocket, allow_head=False),
     web.get(_path(wire.ROUTE_JOB_RESULT), handlers.result_png, allow_head=False),
+    web.get(_path(wire.ROUTE_JOB_RESULT_LAYER), handlers.result_layer_png, allow_head=False),
 ]
 
 

@@ -46,6 +46,7 @@ class Converted:
     regenerate_dilation: int
     nbytes: int  # decoded pixels held until the job runs
     loras: list[LoraSpec] = field(default_factory=list)
+    output: str = wire.OUTPUT_IMAGE  # or wire.OUTPUT_LAYERS: each result also as a layer stack
 
 
 def engine_supports_regenerate() -> bool:
@@ -185,6 +186,7 @@ def to_collage(request: wire.JobRequest, config: BridgeConfig) -> Converted:
         regenerate_layer=request.regenerate_layer,
         regenerate_dilation=request.regenerate_dilation,
         nbytes=nbytes,
+        output=request.output,
     )
 
 

@@ -40,6 +40,7 @@ class RunRequest:
     regenerate_layer: int | None = None
     regenerate_dilation: int = 8
     loras: list = field(default_factory=list)  # core.loras.LoraSpec, checked against the family
+    output: str = wire.OUTPUT_IMAGE  # OUTPUT_LAYERS: a `core.layer_stack.StackedResult` comes back
 
 
 #: Runs one job on the GPU thread; returns core's result or raises (GenerationCancelled, ...).
@@ -115,6 +116,12 @@ class Engine:
                 hooks=hooks,
                 **kwargs,
             )
+            if req.output == wire.OUTPUT_LAYERS:  # one background fill per image, LoRAs still on
+                from core.layer_stack import stack_results
+
+                result = stack_results(
+                    model, req.collage, result, size, progress=req.progress, cancel=req.cancel
+                )
         result.warnings[:0] = warnings
         return result
 

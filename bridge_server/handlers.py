@@ -262,6 +262,26 @@ async def result_png(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def result_layer_png(request: web.Request) -> web.StreamResponse:
+    """One layer of a result's stack (a job with output "layers")."""
+    job = _job(request)
+    index, layer = int(request.match_info["index"]), int(request.match_info["layer"])
+    if job.status.state != wire.DONE:
+        raise ApiError(409, f"job {job.id} is {job.status.state}; results exist once it is done")
+    if index >= len(job.status.results):
+        raise ApiError(404, f"index: this job has {len(job.status.results)} results")
+    layers = job.status.results[index].layers
+    if layer >= len(layers):
+        hint = "" if layers else ' (it was not asked for with output "layers")'
+        raise ApiError(404, f"layer: result {index} has {len(layers)} stack layers{hint}")
+    path = _manager(request).store.result_layer_path(job.id, index, layer)
+    if not path.is_file():
+        raise ApiError(404, f"job {job.id}: layer {layer} of result {index} is gone from the data folder")
+    return web.FileResponse(
+        path, headers={"Content-Type": "image/png", "Cache-Control": "private, max-age=86400, immutable"}
+    )
+
+
 # -- versions ----------------------------------------------------------------------------------------
 
 

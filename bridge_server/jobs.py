@@ -328,12 +328,15 @@ class JobManager:
             regenerate_layer=converted.regenerate_layer,
             regenerate_dilation=converted.regenerate_dilation,
             loras=converted.loras,
+            output=converted.output,
         )
         state, message, problems = wire.DONE, "", []
         try:
             t0 = time.perf_counter()
             result = await loop.run_in_executor(self._gpu, self.run_job, request)
             job.status.timings["compute"] = round(time.perf_counter() - t0, 4)
+            if getattr(result, "stacks", None):  # output "layers": the fill's share of "compute"
+                job.status.timings["fill"] = round(result.fill_seconds, 4)
             t1 = time.perf_counter()
             job.status.results = await self._in_io(self._save_results, job, result)
             job.status.timings["save"] = round(time.perf_counter() - t1, 4)
@@ -416,6 +419,34 @@ class JobManager:
                     width=int(image.shape[1]),
                     height=int(image.shape[0]),
                     url=wire.route(wire.ROUTE_JOB_RESULT, job_id=job.id, index=index),
+                    bytes=len(data),
+                    layers=self._save_stack(job, index, result, level),
+                )
+            )
+        return infos
+
+    def _save_stack(
+        self, job: Job, index: int, result: GenerationResult, level: int
+    ) -> list[wire.ResultLayerInfo]:
+        """The layers of result `index`'s stack (output "layers"), each a PNG; none otherwise.
+        The stack's hidden flat layer is the result PNG itself and is not stored twice."""
+        stacks = getattr(result, "stacks", None) or []
+        if index >= len(stacks):
+            return []
+        layers = [layer for layer in stacks[index].layers if layer.kind != "flat"]
+        encoded = list(self._encode.map(lambda layer: encode_png(layer.image, level), layers))
+        infos = []
+        for k, (layer, data) in enumerate(zip(layers, encoded, strict=True)):
+            self.store.write_result_layer(job.id, index, k, data)
+            infos.append(
+                wire.ResultLayerInfo(
+                    name=layer.name,
+                    kind=layer.kind,
+                    x=int(layer.offset[0]),
+                    y=int(layer.offset[1]),
+                    width=int(layer.image.shape[1]),
+                    height=int(layer.image.shape[0]),
+                    url=wire.route(wire.ROUTE_JOB_RESULT_LAYER, job_id=job.id, index=index, layer=k),
                     bytes=len(data),
                 )
             )

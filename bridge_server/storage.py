@@ -68,6 +68,9 @@ class JobStore:
     def result_path(self, job_id: str, index: int) -> Path:
         return self.job_dir(job_id) / f"result-{int(index)}.png"
 
+    def result_layer_path(self, job_id: str, index: int, layer: int) -> Path:
+        return self.job_dir(job_id) / f"result-{int(index)}-layer-{int(layer)}.png"
+
     def save(self, status: wire.JobStatus) -> None:
         folder = self.job_dir(status.id)
         folder.mkdir(parents=True, exist_ok=True)
@@ -77,6 +80,11 @@ class JobStore:
 
     def write_result(self, job_id: str, index: int, png: bytes) -> Path:
         path = self.result_path(job_id, index)
+        atomic_write(path, png, self.durable)
+        return path
+
+    def write_result_layer(self, job_id: str, index: int, layer: int, png: bytes) -> Path:
+        path = self.result_layer_path(job_id, index, layer)
         atomic_write(path, png, self.durable)
         return path
 

@@ -1,6 +1,6 @@
 """`collage`: generate from a layered document on the command line.
 
-    collage generate INPUT -o OUT.png [--model demo] [--models-dir DIR] [--lora FILE_OR_NAME[:WEIGHT]] [--steps 30] [--seed 0] [--variants 1] [-v]
+    collage generate INPUT -o OUT.png|OUT.ora [--layers] [--model demo] [--models-dir DIR] [--lora FILE_OR_NAME[:WEIGHT]] [--steps 30] [--seed 0] [--variants 1] [-v]
     collage inspect INPUT [-v]
 
 INPUT is an OpenRaster .ora (Krita saves these), a .psd/.psb, or a folder with collage.toml/json.
@@ -14,9 +14,11 @@ import argparse
 import logging
 import re
 import sys
+import time
 from pathlib import Path
 
 from .collage import SCHEDULERS, CollageError
+from .progress import FILL_PHASE
 from .verbosity import DEBUG_ENV, debug_requested, set_verbose
 
 
@@ -77,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
         "default: the model's (SD 1/2: 1, SDXL: 2)",
     )
     gen.add_argument("--variants", type=int, default=1, help="number of images, seeds seed, seed+1, ...")
+    gen.add_argument(
+        "--layers",
+        action="store_true",
+        help="each result as a layer stack (.ora output): one layer per object, a background with"
+        " the objects' places filled by one more inpainting pass, the flat result hidden on top",
+    )
     gen.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     gen.add_argument(
         "--size",
@@ -180,7 +188,7 @@ class _PhaseBars:
         if p.phase == "sampling":
             done, asked = p.variants
             description = f"sampling from variant {done + 1}/{asked}" if asked > 1 else "sampling"
-        elif p.phase.startswith("learning appearance"):
+        elif p.phase.startswith("learning appearance") or p.phase == FILL_PHASE:
             description = p.phase
         else:
             return
@@ -268,6 +276,8 @@ def _generate(args) -> int:
     suffix = args.output.suffix.lower()
     if suffix not in (".png", ".ora"):
         raise CollageError([f"--output: must end in .png or .ora, got {args.output.name!r}"])
+    if args.layers and suffix != ".ora":
+        raise CollageError([f"--layers: a layer stack needs an .ora output, got {args.output.name!r}"])
     # Before loading a model: a bad document should fail in a second. A canvas that is not a
     # multiple of 8 is fine: it is generated at a size that is, and scaled back.
     validate_any_size(collage)
@@ -300,16 +310,30 @@ def _generate(args) -> int:
                 file=sys.stderr,
             )
         with applied_loras(model, loras):
+            t0 = time.perf_counter()
             result = generate_at_size(
                 model, collage, size, variants=args.variants, progress=bars.on_progress, hooks=hooks
             )
+            seconds = time.perf_counter() - t0
+            if args.layers:
+                from .layer_stack import stack_results
+
+                result = stack_results(model, collage, result, size, progress=bars.on_progress)
     finally:
         bars.close()
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if args.layers:  # the fill's cost next to the generation's
+        print(f"generated in {seconds:.1f} s; background fill {result.fill_seconds:.1f} s", file=sys.stderr)
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".ora":
+    if suffix == ".ora" and args.layers:
+        from .layer_stack import as_layer_group
+
+        groups = [as_layer_group(s, f"collage result (seed {s.seed})") for s in result.stacks]
+        save_ora(args.output, doc.tree, collage.width, collage.height, result_groups=groups, collage=collage)
+        print(f"wrote {args.output} ({len(groups)} result group(s) on top of the input layers)")
+    elif suffix == ".ora":
         results = [(f"collage result (seed {img.seed})", img.image) for img in result.images]
         save_ora(args.output, doc.tree, collage.width, collage.height, results=results, collage=collage)
         print(f"wrote {args.output} ({len(results)} result layer(s) on top of the input layers)")

@@ -27,12 +27,15 @@ class GenerationCancelled(Exception):
 class Progress:
     """One progress report. `preview()` renders a small RGB guess of the current image on demand."""
 
-    phase: str  # "encoding", "sampling", "decoding"
+    phase: str  # "encoding", "sampling", "decoding", FILL_PHASE
     step: int
     total: int
     variants: tuple[int, int] = (0, 1)  # (variants finished before this batch, variants asked for)
     preview: Callable[[], np.ndarray] | None = None
 
+
+#: The phase of a layer stack's background fill (core.layer_stack): sampling, named apart.
+FILL_PHASE = "filling background"
 
 ProgressCallback = Callable[[Progress], None]
 

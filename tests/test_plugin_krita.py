@@ -46,6 +46,7 @@ CHECKS = [
     "generate_on_sdxl",
     "regenerate_changes_only_that_layer",
     "regenerate_after_reopen_uses_the_result_layer",
+    "layer_stack_result_is_a_group",
     "cancel_stops_and_writes_nothing",
     "bridge_down_gives_a_clear_error",
     "bridge_errors_in_plain_words",

@@ -22,7 +22,8 @@ document that cannot be read at all. The rules, shared by every format:
   show white; a single-colour one becomes that colour. (Krita's and Photoshop's new documents
   start with exactly such a layer.) A "Background" anywhere else is just a default name.
 * Layers listed under "results" in collage.json are earlier generated images: kept in the tree,
-  never generated from.
+  never generated from. A group listed there is a result as a layer stack: all its layers are
+  results (they carry the input layers' names, so only the group is listed).
 * Without a prompt in the settings, the prompt is the layer texts joined: "salmon sushi, sliced
   ginger" (each text once, bottom to top). Callers (the CLI) may override it.
 """
@@ -35,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from ..collage import CollageError
-from .document import DocumentError, LoadedDocument, ResultLayer, is_default_name, sidecar_path
+from .document import DocumentError, LoadedDocument, ResultGroup, ResultLayer, is_default_name, sidecar_path
 from .folder import MANIFESTS, read_folder
 from .images import as_uint8_image
 from .ora import read_ora, save_ora
@@ -50,6 +51,7 @@ __all__ = [
     "DocumentError",
     "DocumentSettings",
     "LoadedDocument",
+    "ResultGroup",
     "ResultLayer",
     "collage_settings",
     "is_default_name",

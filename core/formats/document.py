@@ -39,6 +39,13 @@ class ResultLayer(Layer):
 
 
 @dataclass
+class ResultGroup(LayerGroup):
+    """A group holding one generated result as a layer stack (the group's name is listed under
+    "results"; its layers carry the input layers' names, so they are not listed themselves).
+    Kept in the tree, never generated from."""
+
+
+@dataclass
 class LoadedDocument:
     """A document read from disk: the collage to generate and the layer tree to write back."""
 
@@ -97,7 +104,7 @@ def build_document(
     tree = _prepare(tree, settings, results, used_settings)
 
     layers: list[Layer] = []
-    for layer in flatten_layers(tree):
+    for layer in flatten_layers(_without_result_groups(tree, warnings)):
         what = label(layer)
         if layer.name in results:
             warnings.append(f"{what} holds an earlier result; skipped")
@@ -142,6 +149,9 @@ def _prepare(
     """Crop every layer to its pixels, give it its text and settings, and mark result layers."""
     out: list[Layer | LayerGroup] = []
     for node in nodes:
+        if isinstance(node, LayerGroup) and node.name in results:
+            out.append(_result_group(node))
+            continue
         if isinstance(node, LayerGroup):
             node.children = _prepare(node.children, settings, results, used_settings)
             out.append(node)
@@ -158,6 +168,37 @@ def _prepare(
         if node.name in results and not isinstance(node, ResultLayer):
             node = ResultLayer(**node.__dict__)
         out.append(node)
+    return out
+
+
+def _result_group(group: LayerGroup) -> ResultGroup:
+    """A group listed under "results", its layers marked as results (none becomes a collage layer)."""
+    children: list[Layer | LayerGroup] = [
+        _result_group(c)
+        if isinstance(c, LayerGroup)
+        else c
+        if isinstance(c, ResultLayer)
+        else ResultLayer(**c.__dict__)
+        for c in group.children
+    ]
+    return ResultGroup(children=children, name=group.name, visible=group.visible, opacity=group.opacity)
+
+
+def _without_result_groups(nodes: list[Layer | LayerGroup], warnings: list[str]) -> list[Layer | LayerGroup]:
+    """The tree without result groups (shallow copies of the groups on the way: the tree stays)."""
+    out: list[Layer | LayerGroup] = []
+    for node in nodes:
+        if isinstance(node, ResultGroup):
+            if node.visible:
+                warnings.append(f"group {node.name!r} holds an earlier result; skipped")
+        elif isinstance(node, LayerGroup):
+            out.append(
+                LayerGroup(
+                    _without_result_groups(node.children, warnings), node.name, node.visible, node.opacity
+                )
+            )
+        else:
+            out.append(node)
     return out
 
 

@@ -21,6 +21,7 @@ from ..collage import Collage, Layer, LayerGroup, flatten_layers
 from .document import (
     DocumentError,
     LoadedDocument,
+    ResultGroup,
     ResultLayer,
     build_document,
     decode_settings,
@@ -153,13 +154,15 @@ def save_ora(
     settings: dict[str, Any] | None = None,
     *,
     results: Sequence[tuple[str, np.ndarray]] = (),
+    result_groups: Sequence[LayerGroup] = (),
     collage: Collage | None = None,
 ) -> Path:
     """Write an OpenRaster file: the layers (bottom to top, groups kept), then the results on top.
 
     ``result`` (with ``result_name``) and ``results`` (name, image) pairs are canvas-sized RGB or
     RGBA uint8 images, added as top layers and listed under "results" in collage.json so reading
-    the file back skips them. ``settings`` is a collage.json mapping; with ``collage`` given, its
+    the file back skips them. ``result_groups`` (results as layer stacks) are added above those,
+    each listed under "results" by the group's name. ``settings`` is a collage.json mapping; with ``collage`` given, its
     settings are stored too (``settings`` wins where both say something). Per-layer settings are
     taken from the layers themselves. Returns the path written.
     """
@@ -174,7 +177,8 @@ def save_ora(
             )
         rgba = to_rgba8(Image.fromarray(image))
         result_layers.append(ResultLayer(text="", image=rgba, name=name))
-    tree: list[Layer | LayerGroup] = [*tree_or_layers, *result_layers]
+    groups = [ResultGroup(g.children, g.name, g.visible, g.opacity) for g in result_groups]
+    tree: list[Layer | LayerGroup] = [*tree_or_layers, *result_layers, *groups]
 
     data = _settings_for(tree, settings, collage)
     pngs: dict[str, bytes] = {}
@@ -239,7 +243,9 @@ def _settings_for(
     results: list[str] = []
     for layer in _all_layers(tree):
         name = layer.name or layer.text
-        if isinstance(layer, ResultLayer):
+        if isinstance(layer, ResultGroup):
+            results.append(layer.name)
+        elif isinstance(layer, ResultLayer):
             results.append(name)
         elif name not in layers and (values := layer_settings(layer)):
             layers[name] = values
@@ -258,8 +264,12 @@ def _settings_for(
     return data
 
 
-def _all_layers(nodes: Sequence[Layer | LayerGroup]) -> list[Layer]:
-    out: list[Layer] = []
+def _all_layers(nodes: Sequence[Layer | LayerGroup]) -> list[Layer | ResultGroup]:
+    """Every layer of the tree; a result group stands for its layers (named by the group alone)."""
+    out: list[Layer | ResultGroup] = []
     for node in nodes:
-        out.extend(_all_layers(node.children) if isinstance(node, LayerGroup) else [node])
+        if isinstance(node, ResultGroup):
+            out.append(node)
+        else:
+            out.extend(_all_layers(node.children) if isinstance(node, LayerGroup) else [node])
     return out

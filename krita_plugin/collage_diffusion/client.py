@@ -220,6 +220,8 @@ class JobFollower(qt.QObject):
         self.error = ""
         self.status: wire.JobStatus | None = None
         self.results: list[tuple[wire.ResultInfo, bytes]] = []
+        # Per result index, its layer stack's (layer info, PNG), bottom to top (output "layers").
+        self.stacks: dict[int, list[tuple[wire.ResultLayerInfo, bytes]]] = {}
         self.last_event: wire.ProgressEvent | None = None
         self._call: Call | None = None
         self._failures = 0
@@ -321,7 +323,25 @@ class JobFollower(qt.QObject):
             self._fail(f"Could not fetch result {info.index + 1}: {call.error}")
             return
         self.results.append((info, call.body))
-        self._fetch_next()
+        self._fetch_layers(info, [])
+
+    def _fetch_layers(self, info: wire.ResultInfo, got: list) -> None:
+        """The stack layers of `info` one by one, then the next result."""
+        if len(got) == len(info.layers):
+            if got:
+                self.stacks[info.index] = got
+            self._fetch_next()
+            return
+        layer = info.layers[len(got)]
+
+        def fetched(call: Call) -> None:
+            if not call.ok:
+                self._fail(f"Could not fetch layer {layer.name!r} of result {info.index + 1}: {call.error}")
+                return
+            got.append((layer, call.body))
+            self._fetch_layers(info, got)
+
+        self.client.get(layer.url).then(fetched)
 
     def _fail(self, message: str) -> None:
         if self.finished:

@@ -239,6 +239,7 @@ def build_request(
         strength=settings.strength,
         model=model,
         loras=list(loras or []),
+        output=settings.output,
     )
     if background is not None:
         request.background = list(background)

@@ -158,6 +158,7 @@ class CollagePanel(W.QWidget):
             spin.valueChanged.connect(self._changed)
         o.strength.valueChanged.connect(self._changed)
         o.size_policy.currentIndexChanged.connect(self._changed)
+        o.output.currentIndexChanged.connect(self._changed)
 
     # -- document and settings -----------------------------------------------------------------------
 

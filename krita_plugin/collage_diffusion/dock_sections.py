@@ -12,7 +12,7 @@ from . import qt
 from .collage import NodeInfo
 from .dock_widgets import LayerRow
 from .model import CONNECTED, CONNECTING, DISCONNECTED, REFUSED
-from .settings import SIZE_POLICIES, DocumentSettings, LayerSettings
+from .settings import OUTPUTS, SIZE_POLICIES, DocumentSettings, LayerSettings
 
 W = qt.QtWidgets
 
@@ -156,6 +156,12 @@ class OptionsSection(W.QWidget):
         opts.addWidget(self.size_policy, 2, 1, 1, 3)
         opts.addWidget(W.QLabel("Strength"), 3, 0)
         opts.addWidget(self.strength, 3, 1)
+        self.output = W.QComboBox()  # "Result as": one layer, or one layer per object + background
+        for key, label in OUTPUTS.items():
+            self.output.addItem(label, key)
+        self.output.setToolTip("Layer stack: one layer per object and a background with their places filled")
+        opts.addWidget(W.QLabel("Result as"), 4, 0)
+        opts.addWidget(self.output, 4, 1, 1, 3)
         opts.setColumnStretch(1, 1)
         opts.setColumnStretch(3, 1)
         self.seed_random.clicked.connect(lambda: self.seed.setValue(random.randrange(2**31)))
@@ -167,6 +173,7 @@ class OptionsSection(W.QWidget):
         self.strength.setValue(s.strength)
         index = self.size_policy.findData(s.size_policy)
         self.size_policy.setCurrentIndex(max(0, index))
+        self.output.setCurrentIndex(max(0, self.output.findData(s.output)))
 
     def store(self, s: DocumentSettings) -> None:
         s.seed = self.seed.value()
@@ -174,6 +181,7 @@ class OptionsSection(W.QWidget):
         s.variants = self.variants.value()
         s.strength = round(self.strength.value(), 4)
         s.size_policy = self.size_policy.currentData() or "auto"
+        s.output = self.output.currentData() or "image"
 
 
 class ActionsSection(W.QWidget):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from . import choices, collage, document, messages, qt, results, wire
+from . import choices, collage, document, messages, qt, results, results_stack, wire
 from .client import BridgeClient, Call, JobFollower
 
 # Connection states.
@@ -270,8 +270,9 @@ class CollageModel(qt.QObject):
 
     def _on_succeeded(self, status: wire.JobStatus, fetched: list) -> None:
         doc, plan = self._pending_doc, self._plan
+        stacks = self.follower.stacks if self.follower is not None else {}
         try:
-            self._write(doc, plan, fetched)
+            self._write(doc, plan, fetched, stacks)
         except Exception as error:
             self._finish(f"The results arrived but could not be written into the document: {error}")
             return
@@ -279,14 +280,22 @@ class CollageModel(qt.QObject):
         self._finish("")
         self.results_changed.emit()
 
-    def _write(self, doc, plan: collage.Plan, fetched: list) -> None:
+    def _write(self, doc, plan: collage.Plan, fetched: list, stacks: dict | None = None) -> None:
         settings = document.load_settings(doc)
         regenerated = plan.regenerate_name if plan.kind == "regenerate" else None
         named = [
             (png, collage.result_layer_name(plan.request.prompt, info.seed, regenerated))
             for info, png in fetched
         ]
-        group, nodes = results.write_results(doc, named, settings.results_group)
+        if stacks:  # output "layers": a group per result
+            size = (plan.request.width, plan.request.height)
+            stacked = [
+                (png, name, stacks.get(info.index, []))
+                for (png, name), (info, _) in zip(named, fetched, strict=True)
+            ]
+            group, nodes = results_stack.write_stack_results(doc, stacked, size, settings.results_group)
+        else:
+            group, nodes = results.write_results(doc, named, settings.results_group)
         self.last_written = nodes
         settings.results_group = document.uid_of(group)
         document.save_settings(doc, settings)

@@ -39,7 +39,11 @@ def image_from_png(png: bytes):
 
 def add_result_layer(doc, png: bytes, name: str, group, visible: bool = True):
     """A new paint layer on top of `group` holding the result `png`, scaled to the document."""
-    image = image_from_png(png)
+    return add_image_layer(doc, image_from_png(png), name, group, visible)
+
+
+def add_image_layer(doc, image, name: str, group, visible: bool = True):
+    """A new paint layer on top of `group` holding the QImage `image`, scaled to the document."""
     w, h = doc.width(), doc.height()
     if (image.width(), image.height()) != (w, h):
         image = image.scaled(
@@ -86,6 +90,19 @@ def show_only(group, node_uid: str, among: list[str]) -> None:
             node.setVisible(False)
 
 
+#: The name of a layer stack's hidden layer holding the flat result (`results_stack.py`; as
+#: `core.layer_stack.FLAT_NAME`).
+FLAT_NAME = "flat result"
+
+
+def flat_layer(group):
+    """The hidden flat result of a layer-stack group, or None (a group of another kind)."""
+    for node in group.childNodes():
+        if node.type() == "paintlayer" and node.name() == FLAT_NAME:
+            return node
+    return None
+
+
 def top_visible_result(doc, uid_hint: str = ""):
     """The topmost visible layer of the results group (the base for regenerate), or None."""
     group = find_results_group(doc, uid_hint)
@@ -94,4 +111,8 @@ def top_visible_result(doc, uid_hint: str = ""):
     for node in reversed(group.childNodes()):
         if node.visible() and node.type() == "paintlayer":
             return node
+        if node.visible() and node.type() == "grouplayer":  # a layer stack: its flat result
+            flat = flat_layer(node)
+            if flat is not None:
+                return flat
     return None

@@ -36,6 +36,9 @@ SIZE_POLICIES = {
     "1024": "Fit 1024 px",
 }
 
+#: How a result arrives (the wire's `JobRequest.output`): the dock's "Result as" choice.
+OUTPUTS = {"image": "One layer", "layers": "Layer stack"}
+
 #: Ranges of the numeric settings (the wire format's), used to clamp what is read.
 RANGES = {
     "seed": (0, 2**63 - 1),
@@ -84,6 +87,7 @@ class DocumentSettings:
     results_group: str = ""  # uniqueId of the "Collage results" group
     model: str = ""  # a model the bridge lists (/info's models); "": the bridge's default
     loras: list[LoraChoice] = field(default_factory=list)  # sent as JobRequest.loras, in order
+    output: str = "image"  # a result as one layer ("image") or as a layer stack ("layers")
 
     # -- JSON ----------------------------------------------------------------------------------
 
@@ -117,6 +121,8 @@ class DocumentSettings:
             settings.size_policy = "auto"
         settings.model = settings.model.strip()
         settings.loras = _read_loras(data.get("loras"))
+        if settings.output not in OUTPUTS:
+            settings.output = "image"
         layers = data.get("layers")
         if isinstance(layers, dict):
             for uid, entry in layers.items():
@@ -134,7 +140,7 @@ class DocumentSettings:
         the dock keeps the bridge's default."""
         if not isinstance(data, dict):
             return cls()
-        skip = ("layers", "variants", "size_policy", "results_group", "model", "loras")
+        skip = ("layers", "variants", "size_policy", "results_group", "model", "loras", "output")
         settings = cls(**_read(cls, data, skip=skip))
         layers = data.get("layers")
         if isinstance(layers, dict):

@@ -7,7 +7,8 @@ examples; this module is its reference.
 
 Everything travels as JSON; images are PNG files, base64-encoded inside the JSON. Layers are
 cropped to their visible content before sending (`crop_to_content`), so a big canvas with small
-objects stays cheap. Result images are fetched as plain PNG (``GET /jobs/{id}/results/{k}``).
+objects stays cheap. Result images are fetched as plain PNG (``GET /jobs/{id}/results/{k}``), and
+the layers of a result's stack likewise (``.../results/{k}/layers/{j}``).
 
 Defined in six modules, all re-exported here (import `wire`, not them): `wire_protocol` (version,
 routes, states, limits, the layer-naming rule), `wire_request` (the request and its checks),
@@ -47,6 +48,10 @@ from .wire_protocol import (
     EVENTS_MAX_TIMEOUT,
     FAILED,
     FINISHED_STATES,
+    OUTPUT_IMAGE,
+    OUTPUT_LAYERS,
+    OUTPUTS,
+    PHASE_FILL,
     PHASE_LOADING,
     PHASES,
     QUEUED,
@@ -57,6 +62,7 @@ from .wire_protocol import (
     ROUTE_JOB_CANCEL,
     ROUTE_JOB_EVENTS,
     ROUTE_JOB_RESULT,
+    ROUTE_JOB_RESULT_LAYER,
     ROUTE_JOB_WS,
     ROUTE_JOBS,
     RUNNING,
@@ -84,6 +90,7 @@ from .wire_responses import (
     ProgressEvent,
     ProgressInfo,
     ResultInfo,
+    ResultLayerInfo,
 )
 from .wire_sizes import auto_size, nearest_size, round8
 
@@ -113,7 +120,11 @@ __all__ = [
     "LibraryEntry",
     "Limits",
     "ModelDetails",
+    "OUTPUTS",
+    "OUTPUT_IMAGE",
+    "OUTPUT_LAYERS",
     "PHASES",
+    "PHASE_FILL",
     "PHASE_LOADING",
     "PNG_SIGNATURE",
     "ProgressEvent",
@@ -127,9 +138,11 @@ __all__ = [
     "ROUTE_JOB_CANCEL",
     "ROUTE_JOB_EVENTS",
     "ROUTE_JOB_RESULT",
+    "ROUTE_JOB_RESULT_LAYER",
     "ROUTE_JOB_WS",
     "RUNNING",
     "ResultInfo",
+    "ResultLayerInfo",
     "SCHEDULERS",
     "STATES",
     "WS_CANCEL",

@@ -47,6 +47,8 @@ ROUTE_JOB_CANCEL = "/jobs/{job_id}/cancel"  # POST -> JobStatus
 ROUTE_JOB_EVENTS = "/jobs/{job_id}/events"  # GET ?after=N&timeout=S -> EventsResponse (long poll)
 ROUTE_JOB_WS = "/jobs/{job_id}/ws"  # websocket ?after=N: ProgressEvent messages
 ROUTE_JOB_RESULT = "/jobs/{job_id}/results/{index}"  # GET -> image/png; header X-Collage-Seed
+# GET -> image/png: layer {layer} (0-based, bottom to top) of result {index}'s stack (output "layers")
+ROUTE_JOB_RESULT_LAYER = "/jobs/{job_id}/results/{index}/layers/{layer}"
 
 RESULT_SEED_HEADER = "X-Collage-Seed"
 
@@ -74,7 +76,13 @@ EVENT_KINDS = (EVENT_STATE, EVENT_PROGRESS)
 #: Phases the engine reports today. `phase` is display text: new phases appear (e.g.
 #: "learning appearance of 'cat'"), so a client shows unknown ones as they are.
 PHASE_LOADING = "loading model"
-PHASES = (PHASE_LOADING, "encoding", "sampling", "decoding")
+PHASE_FILL = "filling background"  # a layer stack's background fill (output "layers")
+PHASES = (PHASE_LOADING, "encoding", "sampling", "decoding", PHASE_FILL)
+
+#: What a job gives back per variant (`JobRequest.output`): one flat image, or also the image as
+#: a layer stack (one layer per object, a background with their places filled).
+OUTPUT_IMAGE, OUTPUT_LAYERS = "image", "layers"
+OUTPUTS = (OUTPUT_IMAGE, OUTPUT_LAYERS)
 
 #: The schedulers a request may name; the same list as `core.collage.SCHEDULERS`.
 SCHEDULERS = ("default", "ddim", "euler", "dpm++2m")

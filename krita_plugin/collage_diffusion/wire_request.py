@@ -17,7 +17,7 @@ from .wire_fields import (
     _read_fields,
 )
 from .wire_png import crop_to_content, encode_png
-from .wire_protocol import API_VERSION, SCHEDULERS, Limits, WireError
+from .wire_protocol import API_VERSION, OUTPUTS, SCHEDULERS, Limits, WireError
 
 MAX_LORAS = 8
 MAX_LORA_WEIGHT = 4.0  # as core.loras.MAX_WEIGHT
@@ -81,6 +81,7 @@ class JobRequest:
     regenerate_dilation: int = 8  # how far around the layer's visible pixels may change
     # LoRAs for this job: [{"name": a LoRA listed in InfoResponse.loras, "weight": -4..4 (default 1)}]
     loras: list[dict] = field(default_factory=list)
+    output: str = "image"  # "image", or "layers": each result also as a layer stack (wire.OUTPUTS)
     api_version: int = API_VERSION
 
     # -- JSON -------------------------------------------------------------------------------
@@ -195,6 +196,8 @@ class JobRequest:
         self._validate_regenerate(p, lim, canvas)
         self._validate_layers(p, lim, canvas)
         self._validate_loras(p)
+        if self.output not in OUTPUTS:
+            p.append(f"output: must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
         return p
 
     def _validate_loras(self, p: list[str]) -> None:

@@ -45,8 +45,27 @@ class ProgressInfo:
 
 
 @dataclass
+class ResultLayerInfo:
+    """One layer of a result's stack (output "layers"): a PNG of `width`×`height` RGBA pixels
+    placed with its top-left at (x, y) on the canvas. Fetch it from `url`."""
+
+    name: str  # the input layer's name for an object; "background"
+    kind: str  # "background" or "object"
+    x: int
+    y: int
+    width: int
+    height: int
+    url: str
+    bytes: int = 0
+
+
+@dataclass
 class ResultInfo:
-    """One finished variant. Fetch its PNG from `url` (a path on the bridge)."""
+    """One finished variant. Fetch its PNG from `url` (a path on the bridge).
+
+    With output "layers", `layers` is the variant as a stack, bottom to top: the background, then
+    one layer per visible input layer in the request's order. Stacked with normal blending they
+    give the PNG at `url` (within 1/255; exactly where an object layer is opaque)."""
 
     index: int
     seed: int
@@ -54,6 +73,13 @@ class ResultInfo:
     height: int
     url: str
     bytes: int = 0
+    layers: list[ResultLayerInfo] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ResultInfo:
+        data = dict(data)
+        data["layers"] = [_known(ResultLayerInfo, layer) for layer in data.get("layers") or []]
+        return _known(cls, data)
 
 
 @dataclass
@@ -90,7 +116,7 @@ class JobStatus(_Message):
         data = dict(data)
         progress = data.get("progress")
         data["progress"] = _known(ProgressInfo, progress) if isinstance(progress, dict) else None
-        data["results"] = [_known(ResultInfo, r) for r in data.get("results") or []]
+        data["results"] = [ResultInfo.from_dict(r) for r in data.get("results") or []]
         return _known(cls, data)
 
 

@@ -714,6 +714,67 @@ def regenerate_after_reopen_uses_the_result_layer(report):
 
 
 @check(needs_bridge=True)
+def layer_stack_result_is_a_group(report):
+    """ "Result as: layer stack": each result is a new group in "Collage results" holding the
+    background, the collage's layers by name in their order and the flat result (hidden); the
+    group composites to the flat result within 1/255; regenerate and variants add groups; no user
+    layer changes."""
+    from collage_diffusion import collage, document
+
+    doc = build_document()
+    try:
+        set_prompt(doc, "a red sign, a cat and a ball on green ground", seed=6, cat="cat")
+        settings = document.load_settings(doc)
+        settings.output = "layers"
+        document.save_settings(doc, settings)
+        before = fingerprint(doc)
+        model = make_model()
+        if not model.generate(doc, "generate"):
+            raise AssertionError(f"generate did not start: {model.last_error}")
+        model.wait_idle(120)
+        assert_eq(model.last_error, "", "generate error")
+        assert_eq(fingerprint(doc), before, "user layers after a stack result")
+        groups = result_layers(doc)
+        want = collage.result_layer_name("a red sign, a cat and a ball on green ground", 6)
+        assert_eq([(g.name(), g.type()) for g in groups], [(want, "grouplayer")], "one group per result")
+        children = groups[0].childNodes()
+        names = ["background", *(e[0] for e in EXPECTED), "flat result"]
+        assert_eq([c.name() for c in children], names, "stack layers, bottom to top")
+        assert_eq([c.visible() for c in children], [True] * (len(names) - 1) + [False], "visibility")
+        w, h, flat = decode_bgra(model.results_for(doc).entries[0].png)
+        assert_eq(bytes(children[-1].pixelData(0, 0, w, h)), flat, "the hidden flat result")
+        doc.refreshProjection()
+        doc.waitForDone()
+        stacked = bytes(groups[0].projectionPixelData(0, 0, w, h))
+        worst = max(abs(a - b) for a, b in zip(stacked, flat, strict=True))
+        if worst > 1:
+            raise AssertionError(f"the group composites to within {worst}/255 of the flat result, not 1/255")
+        # Regenerate and variants in stack mode: one more group each.
+        cat = next(n for n in user_nodes(doc) if n.name() == "cat")
+        if not model.generate(doc, "regenerate", active_uid=document.uid_of(cat)):
+            raise AssertionError(f"regenerate did not start: {model.last_error}")
+        model.wait_idle(120)
+        assert_eq(model.last_error, "", "regenerate error")
+        settings = document.load_settings(doc)
+        settings.variants = 2
+        document.save_settings(doc, settings)
+        if not model.generate(doc, "variants"):
+            raise AssertionError(f"variants did not start: {model.last_error}")
+        model.wait_idle(120)
+        assert_eq(model.last_error, "", "variants error")
+        groups = result_layers(doc)
+        assert_eq([g.type() for g in groups], ["grouplayer"] * 4, "groups after regenerate and variants")
+        if "regenerated cat" not in groups[1].name():
+            raise AssertionError(f"regenerate group name: {groups[1].name()!r}")
+        assert_eq([g.visible() for g in groups[2:]], [False, True], "variant groups: the first on top, shown")
+        assert_eq([c.name() for c in groups[3].childNodes()], names, "variant stack layers")
+        assert_eq(fingerprint(doc), before, "user layers after regenerate and variants")
+        report["detail"] = f"group within {worst}/255 of the flat result; {len(groups)} groups"
+    finally:
+        doc.close()
+
+
+@check(needs_bridge=True)
 def cancel_stops_and_writes_nothing(report):
     from collage_diffusion import document
 
