@@ -40,6 +40,7 @@ class RunRequest:
     regenerate_layer: int | None = None
     regenerate_dilation: int = 8
     loras: list = field(default_factory=list)  # core.loras.LoraSpec, checked against the family
+    embeddings: object = None  # core.embeddings.EmbeddingFiles the texts may name
 
 
 #: Runs one job on the GPU thread; returns core's result or raises (GenerationCancelled, ...).
@@ -113,6 +114,7 @@ class Engine:
                 cancel=req.cancel,
                 max_batch=req.max_batch,
                 hooks=hooks,
+                embeddings=req.embeddings,
                 **kwargs,
             )
         result.warnings[:0] = warnings
