@@ -10,6 +10,7 @@ always that library entry.
 
 from __future__ import annotations
 
+from core.embeddings import EmbeddingFiles
 from core.model_library import LibraryEntry, ModelLibrary, is_plain_reference, resolve_model_name
 from core.model_sources import ModelLoadError
 from core.weight_files import CHECKPOINT, CONTROLNET, EMBEDDING, LORA
@@ -78,6 +79,19 @@ class ModelCatalog:
         """The usable library LoRA by this name (rescanning once when it is not listed)."""
         entry = self.library.find(LORA, name) if self.library is not None else None
         return entry if entry is not None and entry.usable else None
+
+    def embedding_files(self, rescan: bool = False) -> EmbeddingFiles:
+        """The usable library embeddings, which a job's texts may name (from the last listing, or
+        a fresh one with `rescan`)."""
+        if rescan and self.library is not None:
+            self.library.scan()
+        return EmbeddingFiles.from_library(self.library)
+
+    def embedding_family(self, name: str):
+        """The family a library embedding was made for (None: not told by its header)."""
+        if self.library is None:
+            return None
+        return next((e.family for e in self.library.entries(EMBEDDING) if e.name == name), None)
 
     def _checkpoints(self) -> list[LibraryEntry]:
         return self.library.entries(CHECKPOINT) if self.library is not None else []

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from core.collage import Collage, CollageError, Layer
+from core.embeddings import EmbeddingFiles, find_uses
 from core.loras import LoraSpec
 from core.sizing import validate_any_size
 from krita_plugin.collage_diffusion import wire
@@ -47,6 +48,7 @@ class Converted:
     nbytes: int  # decoded pixels held until the job runs
     loras: list[LoraSpec] = field(default_factory=list)
     output: str = wire.OUTPUT_IMAGE  # or wire.OUTPUT_LAYERS: each result also as a layer stack
+    embeddings: EmbeddingFiles | None = None  # the library embeddings the texts may name
 
 
 def engine_supports_regenerate() -> bool:
@@ -109,6 +111,44 @@ def lora_specs(request: wire.JobRequest, catalog: ModelCatalog, model_family: st
     if problems:
         raise RequestProblems(problems)
     return specs
+
+
+def job_texts(request: wire.JobRequest) -> list[tuple[str, str]]:
+    """(field, text) of every text of a request that may name embeddings (hidden layers' are not
+    encoded)."""
+    texts = [("prompt", request.prompt), ("negative_prompt", request.negative_prompt or "")]
+    layers = enumerate(request.layers)
+    return texts + [(f"layers[{i}].text", layer.text) for i, layer in layers if layer.visible]
+
+
+def embedding_files(request: wire.JobRequest, catalog: ModelCatalog, model_family) -> EmbeddingFiles:
+    """The library embeddings for the job, after checking the request's uses: a name that is no
+    embedding of the model folders (rescanned once, so a file added a moment ago is found) or one
+    made for another family than the job's model (`model_family()`: its id, "" when not known
+    before loading) is `RequestProblems` naming the field. The width check against the loaded
+    model's text encoders happens when the job runs (`core.embeddings`)."""
+    texts = job_texts(request)
+    files = catalog.embedding_files()
+    found = [find_uses(text, files, where) for where, text in texts]
+    if any(problems for _uses, problems in found):
+        files = catalog.embedding_files(rescan=True)
+        found = [find_uses(text, files, where) for where, text in texts]
+    problems = [p for _uses, ps in found for p in ps]
+    used: dict[str, str] = {}  # name -> the field of its first use
+    for (where, _text), (uses, _problems) in zip(texts, found, strict=True):
+        for u in uses:
+            used.setdefault(u.name, where)
+    family = model_family() if used else ""
+    for name, where in used.items():
+        made_for = catalog.embedding_family(name)
+        if made_for is not None and family and made_for.id != family:
+            problems.append(
+                f"{where}: embedding {name!r} was made for {made_for.label}, not for the model of this job"
+                f" ({family})"
+            )
+    if problems:
+        raise RequestProblems(problems)
+    return files
 
 
 def to_collage(request: wire.JobRequest, config: BridgeConfig) -> Converted:

@@ -41,6 +41,7 @@ class RunRequest:
     regenerate_dilation: int = 8
     loras: list = field(default_factory=list)  # core.loras.LoraSpec, checked against the family
     output: str = wire.OUTPUT_IMAGE  # OUTPUT_LAYERS: a `core.layer_stack.StackedResult` comes back
+    embeddings: object = None  # core.embeddings.EmbeddingFiles the texts may name
 
 
 #: Runs one job on the GPU thread; returns core's result or raises (GenerationCancelled, ...).
@@ -114,13 +115,20 @@ class Engine:
                 cancel=req.cancel,
                 max_batch=req.max_batch,
                 hooks=hooks,
+                embeddings=req.embeddings,
                 **kwargs,
             )
             if req.output == wire.OUTPUT_LAYERS:  # one background fill per image, LoRAs still on
                 from core.layer_stack import stack_results
 
                 result = stack_results(
-                    model, req.collage, result, size, progress=req.progress, cancel=req.cancel
+                    model,
+                    req.collage,
+                    result,
+                    size,
+                    progress=req.progress,
+                    cancel=req.cancel,
+                    embeddings=req.embeddings,
                 )
         result.warnings[:0] = warnings
         return result

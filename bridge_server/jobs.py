@@ -28,7 +28,7 @@ from krita_plugin.collage_diffusion import wire
 
 from .catalog import ModelCatalog
 from .config import BridgeConfig
-from .convert import Converted, RequestProblems, lora_specs, parse_request, to_collage
+from .convert import Converted, RequestProblems, embedding_files, lora_specs, parse_request, to_collage
 from .engine import Engine, RunJob, RunRequest
 from .images import encode_png, preview_png
 from .storage import JobStore, StoredJob, new_job_id, select_for_cleanup
@@ -164,6 +164,9 @@ class JobManager:
         if request.loras:
             family = self.catalog.details(converted.model, self.engine).family
             converted.loras = lora_specs(request, self.catalog, family)
+        converted.embeddings = embedding_files(
+            request, self.catalog, lambda: self.catalog.details(converted.model, self.engine).family
+        )
         return converted
 
     async def submit(self, converted: Converted) -> Job:
@@ -329,6 +332,7 @@ class JobManager:
             regenerate_dilation=converted.regenerate_dilation,
             loras=converted.loras,
             output=converted.output,
+            embeddings=converted.embeddings,
         )
         state, message, problems = wire.DONE, "", []
         try:

@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         type=Path,
         metavar="DIR",
-        help="a ComfyUI or A1111/Forge folder (or a plain folder) of models, named by their path in it (repeatable)",
+        help="a ComfyUI or A1111/Forge folder (or a plain folder) of models, named by their path in it;"
+        " its embeddings can be used in the texts as embedding:NAME or by file name (repeatable)",
     )
     gen.add_argument(
         "--lora",
@@ -259,6 +260,21 @@ def _lora_specs(args) -> list:
     return specs
 
 
+def _embedding_files(args, collage):
+    """The embeddings of --models-dir, which the texts may name (`core.embeddings`); a name none
+    has is a `CollageError` now, before the model is loaded."""
+    from .embeddings import EmbeddingFiles, embedding_problems
+    from .model_library import ModelLibrary
+
+    files = EmbeddingFiles.from_library(ModelLibrary(args.models_dir) if args.models_dir else None)
+    texts = [("prompt", collage.prompt), ("negative_prompt", collage.negative_prompt or "")]
+    texts += [(f"layers[{i}].text", layer.text) for i, layer in enumerate(collage.layers) if layer.visible]
+    problems = embedding_problems(texts, files)
+    if problems:
+        raise CollageError(problems)
+    return files
+
+
 def _generate(args) -> int:
     from .formats import load_collage, save_ora, save_png
     from .loras import applied_loras
@@ -283,6 +299,7 @@ def _generate(args) -> int:
     validate_any_size(collage)
 
     loras = _lora_specs(args)
+    embeddings = _embedding_files(args, collage)
     ref, config = _model_reference(args)
     print(f"loading model {args.model!r}" + (f" ({ref})" if ref != args.model else "") + "…", file=sys.stderr)
     model = load_pipeline(ref, device=args.device, config=args.model_config or config)
@@ -312,13 +329,21 @@ def _generate(args) -> int:
         with applied_loras(model, loras):
             t0 = time.perf_counter()
             result = generate_at_size(
-                model, collage, size, variants=args.variants, progress=bars.on_progress, hooks=hooks
+                model,
+                collage,
+                size,
+                variants=args.variants,
+                progress=bars.on_progress,
+                hooks=hooks,
+                embeddings=embeddings,
             )
             seconds = time.perf_counter() - t0
             if args.layers:
                 from .layer_stack import stack_results
 
-                result = stack_results(model, collage, result, size, progress=bars.on_progress)
+                result = stack_results(
+                    model, collage, result, size, progress=bars.on_progress, embeddings=embeddings
+                )
     finally:
         bars.close()
     for warning in result.warnings:

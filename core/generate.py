@@ -19,6 +19,7 @@ import torch
 
 from .collage import Collage, CollageError
 from .compositing import CompositeResult, composite, place_layer
+from .embeddings import EmbeddingFiles, embedding_tokens
 from .families import SD1, ModelFamily, PromptConditioning
 from .inversion import appearance_tokens
 from .progress import CancelFlag, Progress, ProgressCallback, check_cancel
@@ -132,6 +133,7 @@ def generate(
     cancel: CancelFlag | None = None,
     max_batch: int | None = None,
     hooks: list[Callable[[SamplingSetup], SamplerHook | None]] | None = None,
+    embeddings: EmbeddingFiles | None = None,
 ) -> GenerationResult:
     """Generate `variants` images from the collage with `model` (a `core.models.LoadedModel`).
 
@@ -140,6 +142,8 @@ def generate(
     `regenerate`, only that layer's region of the base image changes. Raises `CollageError` for
     a collage that cannot be generated and `GenerationCancelled` when `cancel` is set. `hooks`
     are builders of extra sampler hooks (each may return None when it has nothing to do).
+    `embeddings` are the textual-inversion files the texts may name (`embedding:NAME` or a bare
+    file name; none by default).
     """
     collage.validate()
     if seeds is None:
@@ -151,34 +155,39 @@ def generate(
 
     flat = composite(collage)
     start_image, pixel_strength = start_and_strength(collage, flat, regenerate)
-    texts = [layer.text for layer in flat.layers]
     _check_clip_skip(model, collage)
-    spans = token_spans(pipe.tokenizer, collage.prompt, texts)
-    warnings = _truncation_warnings(flat, spans)
-    factor = pipe.vae_scale_factor
-    latent_size = (collage.height // factor, collage.width // factor)
-    plan = plan_strength(pixel_strength, latent_size, collage.steps, collage.feather_px)
-    if plan.first >= collage.steps:  # every strength is 0: nothing to regenerate
-        images = [GeneratedImage(start_image.copy(), s) for s in seeds]
-        return GenerationResult(images, start_image, spans.prompt, warnings)
+    # The user's embeddings (core/embeddings.py) are placeholder tokens in the model only while
+    # the texts are tokenized and encoded.
+    fields = [("prompt", collage.prompt), ("negative_prompt", collage.negative_prompt or "")]
+    fields += [(f"layers[{_index_of(collage, layer)}].text", layer.text) for layer in flat.layers]
+    with embedding_tokens(model, fields, embeddings) as words:
+        prompt, negative_prompt, *texts = words.texts
+        spans = token_spans(pipe.tokenizer, prompt, texts)
+        warnings = _truncation_warnings(flat, spans)
+        factor = pipe.vae_scale_factor
+        latent_size = (collage.height // factor, collage.width // factor)
+        plan = plan_strength(pixel_strength, latent_size, collage.steps, collage.feather_px)
+        if plan.first >= collage.steps:  # every strength is 0: nothing to regenerate
+            images = [GeneratedImage(start_image.copy(), s) for s in seeds]
+            return GenerationResult(images, start_image, words.original(spans.prompt), warnings)
 
-    do_cfg = collage.guidance_scale > 1.0
-    # Learned appearance tokens (algorithm.md §2) are in the model only while the prompt is encoded.
-    with appearance_tokens(model, collage, flat, report=report, cancel=cancel) as prefixes:
-        if any(prefixes):
-            spans = token_spans(pipe.tokenizer, collage.prompt, texts, prefixes)
-            warnings = _truncation_warnings(flat, spans)
-        report(Progress("encoding", 0, 1))
-        check_cancel(cancel)
-        conditioning = model.family.encode_prompt(
-            pipe,
-            spans.chunks,
-            collage.negative_prompt or None,
-            device,
-            do_cfg,
-            (collage.height, collage.width),
-            collage.clip_skip,
-        )
+        do_cfg = collage.guidance_scale > 1.0
+        # Learned appearance tokens (algorithm.md §2) are in the model only while the prompt is encoded.
+        with appearance_tokens(model, collage, flat, report=report, cancel=cancel) as prefixes:
+            if any(prefixes):
+                spans = token_spans(pipe.tokenizer, prompt, texts, prefixes)
+                warnings = _truncation_warnings(flat, spans)
+            report(Progress("encoding", 0, 1))
+            check_cancel(cancel)
+            conditioning = model.family.encode_prompt(
+                pipe,
+                spans.chunks,
+                negative_prompt or None,
+                device,
+                do_cfg,
+                (collage.height, collage.width),
+                collage.clip_skip,
+            )
     vae = VaeCodec(pipe.vae, model.family.vae_needs_upcast(pipe.vae, dtype), dtype)
     z0 = vae.encode(image_to_tensor(start_image, device, dtype))
 
@@ -214,7 +223,13 @@ def generate(
             ]
     for w in warnings:
         log.warning(w)
-    return GenerationResult(images=images, composite=start_image, prompt=spans.prompt, warnings=warnings)
+    return GenerationResult(
+        images=images, composite=start_image, prompt=words.original(spans.prompt), warnings=warnings
+    )
+
+
+def _index_of(collage: Collage, layer) -> int:
+    return next(i for i, candidate in enumerate(collage.layers) if candidate is layer)
 
 
 def _truncation_warnings(flat: CompositeResult, spans: TokenSpans) -> list[str]:

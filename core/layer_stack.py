@@ -223,6 +223,7 @@ def fill_background(
     *,
     progress: ProgressCallback | None = None,
     cancel: CancelFlag | None = None,
+    embeddings=None,
 ) -> np.ndarray:
     """One inpainting pass of `model` over `region` of the result `image` at `seed`, generated at
     `size` like the result was (`core.sizing.generate_at_size`). Outside `region` the returned
@@ -237,7 +238,13 @@ def fill_background(
         report(dataclasses.replace(p, phase=FILL_PHASE if p.phase == "sampling" else p.phase))
 
     result = generate_at_size(
-        model, fill_collage(collage, image, region, seed), size, seeds=[seed], progress=relabel, cancel=cancel
+        model,
+        fill_collage(collage, image, region, seed),
+        size,
+        seeds=[seed],
+        progress=relabel,
+        cancel=cancel,
+        embeddings=embeddings,  # the texts may name the painter's embeddings, as the job's did
     )
     out = np.ascontiguousarray(image[..., :3]).copy()
     out[region] = result.images[0].image[region]
@@ -252,6 +259,7 @@ def stack_results(
     *,
     progress: ProgressCallback | None = None,
     cancel: CancelFlag | None = None,
+    embeddings=None,
 ) -> StackedResult:
     """`result` (of `collage`, generated at `size`) with a layer stack per image: one background
     fill per image at that image's seed."""
@@ -266,7 +274,15 @@ def stack_results(
         alphas = [_uncropped_alpha(layer, w, h) for layer in objects]
         region = opaque_region(alphas, (h, w))
         fill = fill_background(
-            model, collage, image.image, region, image.seed, size, progress=progress, cancel=cancel
+            model,
+            collage,
+            image.image,
+            region,
+            image.seed,
+            size,
+            progress=progress,
+            cancel=cancel,
+            embeddings=embeddings,
         )
         stack.layers[0].image[..., :3] = fill
         stack.fill_seconds = time.perf_counter() - t0
