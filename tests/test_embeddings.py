@@ -443,3 +443,37 @@ async def test_the_bridge_resolves_library_embeddings_by_name(
     # A file added while the bridge runs can be named at once.
     write(folder / "new" / "late.safetensors", "emb_params.safetensors", vectors({"*": 32}, 1, 12))
     assert await png(T.small_request(steps=3, prompt="salmon sushi and ginger, embedding:new/late")) != plain
+
+
+def test_an_embedding_inside_emphasis_is_weighted(demo_pipeline, tmp_path):
+    """`(embedding:NAME:1.3)` (ComfyUI's way of weighting one): the name ends at ':', the
+    placeholder tokens take the weight, and 1.0 is the same as no brackets."""
+    model = demo_pipeline
+    files = EmbeddingFiles(
+        {"moody.pt": write(tmp_path / "moody.pt", "a1111.pt", vectors(widths_of(model), 2, 3))}
+    )
+
+    def image(prompt: str) -> np.ndarray:
+        return generate(model, two_layer_collage(steps=2, prompt=prompt), embeddings=files).images[0].image
+
+    plain = image("a red box next to a green leaf, embedding:moody")
+    assert np.array_equal(image("a red box next to a green leaf, (embedding:moody:1.0)"), plain)
+    assert not np.array_equal(image("a red box next to a green leaf, (embedding:moody:1.4)"), plain)
+
+
+def test_the_layer_stack_fill_uses_the_jobs_embeddings(demo_pipeline, tmp_path):
+    """The background fill (core/layer_stack.py) encodes the job's texts again: it must get the
+    same embeddings, or a prompt naming one could not be filled."""
+    from core.layer_stack import stack_results
+
+    model = demo_pipeline
+    files = EmbeddingFiles(
+        {"moody.pt": write(tmp_path / "moody.pt", "a1111.pt", vectors(widths_of(model), 2, 3))}
+    )
+    collage = two_layer_collage(steps=2, prompt="a red box next to a green leaf, embedding:moody")
+    result = generate(model, collage, embeddings=files)
+    size = (collage.width, collage.height)
+    stacked = stack_results(model, collage, result, size, embeddings=files)
+    assert len(stacked.stacks) == 1
+    with pytest.raises(CollageError, match="moody"):
+        stack_results(model, collage, result, size)
