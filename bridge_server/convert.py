@@ -46,6 +46,7 @@ class Converted:
     regenerate_dilation: int
     nbytes: int  # decoded pixels held until the job runs
     loras: list[LoraSpec] = field(default_factory=list)
+    regenerate_mask: np.ndarray | None = None  # (H, W) bool: a selection to regenerate
 
 
 def engine_supports_regenerate() -> bool:
@@ -146,6 +147,14 @@ def to_collage(request: wire.JobRequest, config: BridgeConfig) -> Converted:
         base_image = decode_png(problems, "base_image", request.base_image, "RGB")
         if base_image is not None:
             nbytes += base_image.nbytes
+    regenerate_mask = None
+    if request.regenerate_mask is not None:
+        grey = decode_png(problems, "regenerate_mask", request.regenerate_mask, "L")
+        if grey is not None:
+            regenerate_mask = grey > 0
+            nbytes += regenerate_mask.nbytes
+            if not regenerate_mask.any():
+                problems.append("regenerate_mask: selects no pixel (every pixel is 0)")
     if problems:
         raise RequestProblems(problems)
 
@@ -184,6 +193,7 @@ def to_collage(request: wire.JobRequest, config: BridgeConfig) -> Converted:
         regenerate_layer=request.regenerate_layer,
         regenerate_dilation=request.regenerate_dilation,
         nbytes=nbytes,
+        regenerate_mask=regenerate_mask,
     )
 
 
