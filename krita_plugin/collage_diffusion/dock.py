@@ -10,7 +10,7 @@ machinery; `CollageDock` puts it into a Krita docker.
 
 from __future__ import annotations
 
-from . import document, qt
+from . import actions, document, qt
 from .bridge_process import make_local_bridge
 from .collage import NodeInfo
 from .dock_models import ModelSection
@@ -79,6 +79,7 @@ class CollagePanel(W.QWidget):
         self._watch.start(1500)
         self._on_busy(False)
         self._on_info()
+        actions.register_panel(self)  # Krita's actions (shortcuts) call the action_* methods
 
     # -- building ------------------------------------------------------------------------------------
 
@@ -280,11 +281,42 @@ class CollagePanel(W.QWidget):
         self.model.check_connection()
 
     def _on_pick(self, item) -> None:
-        index = self.results_section.thumbs.row(item)
+        self._show_variant(self.results_section.thumbs.row(item))
+
+    def _show_variant(self, index: int) -> None:
         seed = self.model.pick(self.doc, index)
         if seed is not None:
+            self.results_section.thumbs.setCurrentRow(index)
             self.notice.setText(f"Showing variant {index + 1} (seed {seed}); Generate reproduces it.")
             self.options_section.seed.setValue(seed % 2**31)
+
+    # -- Krita actions (actions.py): the same as the dock's buttons ----------------------------------
+
+    def action_generate(self) -> None:
+        self._run("generate")
+
+    def action_variants(self) -> None:
+        self._run("variants")
+
+    def action_regenerate(self) -> None:
+        self._run("regenerate")
+
+    def action_cancel(self) -> None:
+        self.model.cancel()
+
+    def action_next_variant(self) -> None:
+        self._step_variant(1)
+
+    def action_previous_variant(self) -> None:
+        self._step_variant(-1)
+
+    def _step_variant(self, step: int) -> None:
+        self.refresh()  # follow the active document first, as a button press would
+        last = self.model.results_for(self.doc)
+        if last is None or len(last.entries) < 2:
+            self.notice.setText("No variants to step through: press Variants first.")
+            return
+        self._show_variant((last.picked + step) % len(last.entries))
 
     # -- model signals -------------------------------------------------------------------------------
 
