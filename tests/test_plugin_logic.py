@@ -589,14 +589,45 @@ def stack():
 def test_walk_lists_visible_layers_bottom_to_top():
     doc = stack()
     listed = document.list_layers(doc)
-    assert [(n.name, n.kind, n.path) for n in listed] == [
-        ("ground", "paintlayer", ()),
-        ("cat", "paintlayer", ("animals",)),
-        ("ball", "paintlayer", ()),
-        ("sign", "vectorlayer", ()),
-        ("empty", "paintlayer", ()),
-        ("far away", "paintlayer", ()),
+    assert [(n.name, n.kind, n.path, n.problem) for n in listed] == [
+        ("ground", "paintlayer", (), ""),
+        ("cat", "paintlayer", ("animals",), ""),
+        ("ball", "paintlayer", (), ""),
+        ("ghost", "paintlayer", ("hidden group",), "hidden by group 'hidden group'"),
+        ("sign", "vectorlayer", (), ""),
+        ("empty", "paintlayer", (), "empty"),
+        ("far away", "paintlayer", (), "no pixel on the canvas"),
     ]
+    assert [n.name for n in listed if not n.problem.startswith("hidden")] == [
+        node.name() for node, _, _ in document.walk(doc)
+    ]
+
+
+def test_layer_marks_say_why_a_layer_will_not_take_part():
+    """The marks come from the rules `build_request` applies (collage.take_part)."""
+    doc = stack()
+    root = doc.rootNode()
+    ground, ball, sign = (root.childNodes()[i] for i in (0, 2, 4))
+    ground.setName("Background")
+    ground.setPixelData(fakekrita.fill(64, 64, (255, 255, 255, 255)), 0, 0, 64, 64)  # covers the canvas
+    ball.setOpacity(0)
+    sign.setName("Layer 3")  # a made-up name says nothing
+    listed = document.list_layers(doc)
+    layers = DocumentSettings().resolve([(n.uid, n.name) for n in listed])
+    cat = next(n.uid for n in listed if n.name == "cat")
+    layers[cat].enabled = False  # ticked off: shown by its tick, not marked
+    marks = collage.layer_marks(listed, layers)
+    assert {n.name: marks[n.uid] for n in listed if n.uid in marks} == {
+        "Background": "the background",
+        "ball": "at opacity 0",
+        "ghost": "hidden by group 'hidden group'",
+        "Layer 3": "not described",
+        "empty": "empty",
+        "far away": "no pixel on the canvas",
+    }
+    sign = next(n.uid for n in listed if n.name == "Layer 3")
+    layers[sign].text = "a red sign"  # described in the dock: the mark goes
+    assert sign not in collage.layer_marks(listed, layers)
 
 
 def test_read_layers_at_document_scale_without_qt(monkeypatch):

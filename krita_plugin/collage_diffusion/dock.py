@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from . import actions, document, qt
 from .bridge_process import make_local_bridge
-from .collage import NodeInfo
+from .collage import NodeInfo, layer_marks
 from .dock_models import ModelSection
 from .dock_sections import (
     ActionsSection,
@@ -66,6 +66,7 @@ class CollagePanel(W.QWidget):
         self.settings = DocumentSettings()
         self.layer_settings: dict[str, LayerSettings] = {}
         self._listed: list[tuple] = []
+        self._infos: list[NodeInfo] = []  # the listed layers, with what keeps each out
         self._loading = False
         self._dirty = False  # edits not yet written into the document
         self._snapshot = ""  # the settings as last read from or written to the document
@@ -198,10 +199,18 @@ class CollagePanel(W.QWidget):
         if signature != self._listed:
             self._listed = signature
             self._rebuild_rows(listed)
+        else:
+            self._infos = listed
+            self._show_marks()  # bounds, opacity and groups' visibility change without new rows
 
     def _rebuild_rows(self, listed: list[NodeInfo]) -> None:
+        self._infos = listed
         self.layer_settings = self.settings.resolve([(n.uid, n.name) for n in listed])
         self.layers_section.show_layers(listed, self.layer_settings, self.doc is not None)
+        self._show_marks()
+
+    def _show_marks(self) -> None:
+        self.layers_section.show_marks(layer_marks(self._infos, self.layer_settings))
 
     def _load_widgets(self) -> None:
         s = self.settings
@@ -226,6 +235,7 @@ class CollagePanel(W.QWidget):
         row, entry = self.rows.get(uid), self.layer_settings.get(uid)
         if row is not None and entry is not None:
             row.store(entry)
+            self._show_marks()  # a text given (or taken away) changes "not described"
             self._dirty = True
             self._save_timer.start(400)
 
