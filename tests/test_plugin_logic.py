@@ -363,6 +363,26 @@ def test_build_request_variants_and_regenerate():
     assert (plan.request.regenerate_layer, plan.request.base_image, plan.regenerate_name) == (1, base, "b")
     assert plan.request.validate() == []
 
+    # A selection (its grey mask) instead of a layer: the mask goes, no layer index, whatever is active.
+    mask = wire.encode_png(64, 64, bytes([0, 255]) * (32 * 64), channels=1)
+    plan, problems = build_request(
+        records, s, {}, (64, 64), (64, 64), kind="regenerate", base_png=base, regenerate_mask=mask
+    )
+    assert problems == []
+    r = plan.request
+    assert (r.regenerate_layer, r.regenerate_mask, r.base_image, plan.regenerate_name) == (
+        None,
+        mask,
+        base,
+        "selection",
+    )
+    assert r.validate() == [] and plan.regenerate_uid is None
+    small = wire.encode_png(32, 32, bytes(32 * 32), channels=1)
+    plan, problems = build_request(
+        records, s, {}, (64, 64), (64, 64), kind="regenerate", base_png=base, regenerate_mask=small
+    )
+    assert plan is None and problems == ["regenerate_mask: is 32×32, must be the canvas size 64×64"]
+
 
 @pytest.mark.parametrize(
     "kwargs, layers, message",

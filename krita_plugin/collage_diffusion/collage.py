@@ -192,12 +192,15 @@ def build_request(
     regenerate_uid: str | None = None,
     model: str | None = None,
     loras: list[dict] | None = None,
+    regenerate_mask: bytes | None = None,
 ) -> tuple[Plan | None, list[str]]:
     """The request for the layers that take part, or None and what stops it (plain sentences).
 
     `records` are the document's visible, non-empty layers bottom to top; `layers` their settings
     by uniqueId (`DocumentSettings.resolve`). Layers ticked off in the dock are left out.
-    `model` and `loras` are the request's (`choices.request_choices`).
+    `model` and `loras` are the request's (`choices.request_choices`). A regenerate redoes the
+    layer `regenerate_uid`, or with `regenerate_mask` (a grey PNG of the selection at `size`)
+    the selected pixels instead.
     """
     problems: list[str] = []
     standing = take_part(records, layers)
@@ -235,8 +238,10 @@ def build_request(
         if base_png is None:
             problems.append("Nothing to regenerate from yet: generate an image first.")
         uids = [r.uid for r in chosen]
-        if regenerate_uid is None:
-            problems.append("Select the layer to regenerate in Krita's layer list first.")
+        if regenerate_mask is not None:
+            regenerate_uid, regenerate_name = None, "selection"
+        elif regenerate_uid is None:
+            problems.append("Select the layer to regenerate in Krita's layer list (or select an area) first.")
         elif regenerate_uid not in uids:
             names = {r.uid: r.name for r in records}
             why = skipped.get(regenerate_uid)
@@ -282,6 +287,9 @@ def build_request(
     if regenerate_index is not None:
         request.base_image = base_png
         request.regenerate_layer = regenerate_index
+    elif kind == "regenerate":
+        request.base_image = base_png
+        request.regenerate_mask = regenerate_mask
     problems = request.validate()
     if problems:
         return None, [_plain_problem(p, chosen) for p in problems]

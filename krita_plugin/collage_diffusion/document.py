@@ -339,6 +339,27 @@ def read_canvas_png(node, doc_size: tuple[int, int], size: tuple[int, int]) -> b
     return qt.png_bytes(image, 1)
 
 
+def read_selection_png(doc, size: tuple[int, int]) -> bytes | None:
+    """The document's selection as a grey PNG at `size` (the regenerate mask: > 0 selected), or
+    None when nothing is selected."""
+    selection = doc.selection() if hasattr(doc, "selection") else None
+    if selection is None:
+        return None
+    w, h = doc.width(), doc.height()
+    data = bytes(selection.pixelData(0, 0, w, h))  # one byte a pixel, 0 outside the selection
+    if data.count(0) == len(data):
+        return None
+    if (w, h) == tuple(size):
+        return wire.encode_png(w, h, data, channels=1, level=1)
+    image = qt.QImage(data, w, h, w, qt.QImage.Format.Format_Grayscale8).scaled(
+        size[0],
+        size[1],
+        qt.Qt.AspectRatioMode.IgnoreAspectRatio,
+        qt.Qt.TransformationMode.SmoothTransformation,
+    )
+    return qt.png_bytes(image, 1)
+
+
 def active_layer_uid(doc) -> str | None:
     node = doc.activeNode() if doc is not None else None
     return uid_of(node) if node is not None else None
