@@ -135,6 +135,8 @@ def ensure_system_packages_for_tests() -> None:
     What is missing of Debian's Krita and the libraries PyQt6 links against is installed where
     that is possible without asking (root with apt-get, as on CI); elsewhere those tests skip."""
     packages = [] if shutil.which("kritarunner") else ["krita", "python3-pyqt5"]
+    if not shutil.which("xvfb-run"):  # the plugin's Krita actions need Krita's window (on Xvfb)
+        packages.append("xvfb")
     if sys.platform.startswith("linux"):
         packages += missing_qt6_libs()
     if not packages:
@@ -147,7 +149,9 @@ def ensure_system_packages_for_tests() -> None:
         return
     if "krita" in packages:
         print("note: Krita's kritarunner is not installed; the in-Krita plugin tests will be skipped")
-    if libs := [p for p in packages if p not in ("krita", "python3-pyqt5")]:
+    if "xvfb" in packages:
+        print("note: xvfb-run is not installed; the test of the plugin's Krita actions will be skipped")
+    if libs := [p for p in packages if p not in ("krita", "python3-pyqt5", "xvfb")]:
         print(f"note: PyQt6 needs these system packages, missing here: {' '.join(libs)}")
 
 

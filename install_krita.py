@@ -62,6 +62,11 @@ def pykrita_dir(platform: str | None = None, env: dict | None = None) -> Path:
     return base / "krita" / "pykrita"
 
 
+def actions_file(pykrita: Path) -> Path:
+    """Where Krita reads the plugin's .action file (its actions' category and shortcuts)."""
+    return pykrita.parent / "actions" / f"{PLUGIN}.action"
+
+
 def kritarc_path(platform: str | None = None, env: dict | None = None) -> Path:
     """Krita's settings file."""
     e, home = _env(env), _home(env)
@@ -195,6 +200,11 @@ def install(
         done.append(f"copied the plugin to {package}")
     shutil.copyfile(SOURCE / f"{PLUGIN}.desktop", desktop)
     done.append(f"copied {desktop.name}")
+    # Krita reads actions' categories and default shortcuts from actions/ beside pykrita/.
+    action_file = actions_file(target)
+    action_file.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(SOURCE / PLUGIN / action_file.name, action_file)
+    done.append(f"copied the shortcuts' action file to {action_file}")
     python = Path(bridge_python) if bridge_python else default_bridge_python()
     record = {"python": str(python), "project": str(ROOT), "model": model, "args": []}
     (target / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -209,7 +219,7 @@ def uninstall(target: Path | None = None, kritarc: Path | None = None) -> list[s
     """Remove what `install` put there; the rest of pykrita and kritarc stay as they are."""
     target = target or pykrita_dir()
     done = []
-    for path in (target / PLUGIN, target / f"{PLUGIN}.desktop", target / CONFIG_NAME):
+    for path in (target / PLUGIN, target / f"{PLUGIN}.desktop", target / CONFIG_NAME, actions_file(target)):
         if _remove(path):
             done.append(f"removed {path}")
     rc = kritarc or kritarc_path()

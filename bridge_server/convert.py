@@ -49,6 +49,7 @@ class Converted:
     loras: list[LoraSpec] = field(default_factory=list)
     output: str = wire.OUTPUT_IMAGE  # or wire.OUTPUT_LAYERS: each result also as a layer stack
     embeddings: EmbeddingFiles | None = None  # the library embeddings the texts may name
+    regenerate_mask: np.ndarray | None = None  # (H, W) bool: a selection to regenerate
 
 
 def engine_supports_regenerate() -> bool:
@@ -187,6 +188,14 @@ def to_collage(request: wire.JobRequest, config: BridgeConfig) -> Converted:
         base_image = decode_png(problems, "base_image", request.base_image, "RGB")
         if base_image is not None:
             nbytes += base_image.nbytes
+    regenerate_mask = None
+    if request.regenerate_mask is not None:
+        grey = decode_png(problems, "regenerate_mask", request.regenerate_mask, "L")
+        if grey is not None:
+            regenerate_mask = grey > 0
+            nbytes += regenerate_mask.nbytes
+            if not regenerate_mask.any():
+                problems.append("regenerate_mask: selects no pixel (every pixel is 0)")
     if problems:
         raise RequestProblems(problems)
 
@@ -227,6 +236,7 @@ def to_collage(request: wire.JobRequest, config: BridgeConfig) -> Converted:
         regenerate_dilation=request.regenerate_dilation,
         nbytes=nbytes,
         output=request.output,
+        regenerate_mask=regenerate_mask,
     )
 
 

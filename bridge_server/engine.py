@@ -39,6 +39,7 @@ class RunRequest:
     base_image: np.ndarray | None = None
     regenerate_layer: int | None = None
     regenerate_dilation: int = 8
+    regenerate_mask: np.ndarray | None = None  # (H, W) bool: a selection, instead of a layer
     loras: list = field(default_factory=list)  # core.loras.LoraSpec, checked against the family
     output: str = wire.OUTPUT_IMAGE  # OUTPUT_LAYERS: a `core.layer_stack.StackedResult` comes back
     embeddings: object = None  # core.embeddings.EmbeddingFiles the texts may name
@@ -86,7 +87,7 @@ class Engine:
             req.progress(Progress(wire.PHASE_LOADING, 0, 1))
         model = self.load(req.model)
         kwargs = {}
-        if req.regenerate_layer is not None:
+        if req.regenerate_layer is not None or req.regenerate_mask is not None:
             # ENGINE HOOK (regenerate): convert.engine_supports_regenerate() lets such requests
             # through only when core has this.
             from core.generate import Regenerate
@@ -95,6 +96,7 @@ class Engine:
                 base_image=req.base_image,
                 layer_index=req.regenerate_layer,
                 dilation_px=req.regenerate_dilation,
+                mask=req.regenerate_mask,
             )
         # The ControlNet is cached by core and re-checked against this job's model each time.
         hooks, warnings = build_hooks(

@@ -330,6 +330,7 @@ class JobManager:
             base_image=converted.base_image,
             regenerate_layer=converted.regenerate_layer,
             regenerate_dilation=converted.regenerate_dilation,
+            regenerate_mask=converted.regenerate_mask,
             loras=converted.loras,
             output=converted.output,
             embeddings=converted.embeddings,

@@ -1,6 +1,7 @@
 """`collage`: generate from a layered document on the command line.
 
     collage generate INPUT -o OUT.png|OUT.ora [--layers] [--model demo] [--models-dir DIR] [--lora FILE_OR_NAME[:WEIGHT]] [--steps 30] [--seed 0] [--variants 1] [-v]
+    collage generate INPUT -o OUT.png --base EARLIER.png --regenerate-mask SELECTION.png [--dilation 8]
     collage inspect INPUT [-v]
 
 INPUT is an OpenRaster .ora (Krita saves these), a .psd/.psb, or a folder with collage.toml/json.
@@ -93,6 +94,19 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto (default): near the model's own size (SD 1.5 ~512², SDXL ~1 MP), aspect kept, "
         "scaled back to the canvas; document: the canvas size; or WIDTHxHEIGHT",
+    )
+    regen = gen.add_argument_group("regenerate part of an earlier result")
+    regen.add_argument(
+        "--base", type=Path, metavar="FILE", help="the earlier result (canvas-size image) to redo part of"
+    )
+    regen.add_argument(
+        "--regenerate-mask",
+        type=Path,
+        metavar="FILE",
+        help="with --base: a canvas-size grey image; its non-black pixels (grown by --dilation) are redone",
+    )
+    regen.add_argument(
+        "--dilation", type=int, default=8, help="pixels around the mask that may change too (default 8)"
     )
     pieces = gen.add_argument_group("Collage Diffusion pieces")
     pieces.add_argument(
@@ -275,6 +289,40 @@ def _embedding_files(args, collage):
     return files
 
 
+def _regenerate(args, width: int, height: int):
+    """--base with --regenerate-mask as a `core.generate.Regenerate`, or None. Raises
+    `CollageError` naming the option."""
+    if args.base is None and args.regenerate_mask is None:
+        return None
+    if args.base is None or args.regenerate_mask is None:
+        given, missing = ("--base", "--regenerate-mask") if args.base else ("--regenerate-mask", "--base")
+        raise CollageError([f"{missing}: missing; {given} needs it"])
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from .generate import Regenerate
+
+    images, problems = {}, []
+    for option, path, mode in (
+        ("--base", args.base, "RGB"),
+        ("--regenerate-mask", args.regenerate_mask, "L"),
+    ):
+        try:
+            with Image.open(path) as image:
+                images[option] = np.asarray(image.convert(mode), dtype=np.uint8)
+        except (OSError, UnidentifiedImageError) as error:
+            problems.append(f"{option}: cannot be read as an image ({error})")
+            continue
+        h, w = images[option].shape[:2]
+        if (w, h) != (width, height):
+            problems.append(f"{option}: is {w}×{h}, the canvas is {width}×{height}")
+    if not problems and not images["--regenerate-mask"].any():
+        problems.append("--regenerate-mask: selects no pixel (the image is black)")
+    if problems:
+        raise CollageError(problems)
+    return Regenerate(images["--base"], mask=images["--regenerate-mask"] > 0, dilation_px=args.dilation)
+
+
 def _generate(args) -> int:
     from .formats import load_collage, save_ora, save_png
     from .loras import applied_loras
@@ -297,6 +345,7 @@ def _generate(args) -> int:
     # Before loading a model: a bad document should fail in a second. A canvas that is not a
     # multiple of 8 is fine: it is generated at a size that is, and scaled back.
     validate_any_size(collage)
+    regenerate = _regenerate(args, collage.width, collage.height)
 
     loras = _lora_specs(args)
     embeddings = _embedding_files(args, collage)
@@ -336,6 +385,7 @@ def _generate(args) -> int:
                 progress=bars.on_progress,
                 hooks=hooks,
                 embeddings=embeddings,
+                regenerate=regenerate,
             )
             seconds = time.perf_counter() - t0
             if args.layers:

@@ -39,11 +39,13 @@ class GeneratedImage:
 
 @dataclass
 class Regenerate:
-    """Regenerate one layer of a previous result: only that layer's (dilated) region changes."""
+    """Regenerate part of a previous result: one layer's region, or a pixel mask (a selection);
+    only that region, grown by `dilation_px`, changes. Give `layer_index` or `mask`, not both."""
 
     base_image: np.ndarray  # (H, W, 3 or 4) uint8: the previous result
-    layer_index: int  # index into `Collage.layers`
-    dilation_px: int = 8  # how far around the layer's visible pixels may change
+    layer_index: int | None = None  # index into `Collage.layers`
+    dilation_px: int = 8  # how far around the layer's visible pixels (or the mask) may change
+    mask: np.ndarray | None = None  # (H, W) uint8 (> 0 = selected) or bool: redo these pixels
 
 
 @dataclass
@@ -139,7 +141,7 @@ def generate(
 
     Variant k uses seed ``collage.seed + k`` unless `seeds` gives them. Each region starts
     denoising at its own layer's strength; strength-0 pixels come back byte-identical. With
-    `regenerate`, only that layer's region of the base image changes. Raises `CollageError` for
+    `regenerate`, only that layer's (or mask's) region of the base image changes. Raises `CollageError` for
     a collage that cannot be generated and `GenerationCancelled` when `cancel` is set. `hooks`
     are builders of extra sampler hooks (each may return None when it has nothing to do).
     `embeddings` are the textual-inversion files the texts may name (`embedding:NAME` or a bare
@@ -264,8 +266,9 @@ def start_and_strength(
 def _regenerate_start(
     collage: Collage, flat: CompositeResult, regen: Regenerate
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The start image (the layer put over the base) and the strength map (the layer's strength
-    on its dilated visible region, 0 elsewhere) of a regenerate."""
+    """The start image and strength map of a regenerate. A layer: the layer put over the base,
+    its strength on its dilated visible region. A mask: the base itself, the layers' strength map
+    on the dilated mask (the selection is redone with the layers' settings); 0 elsewhere."""
     base = regen.base_image
     problems = []
     if (
@@ -279,8 +282,19 @@ def _regenerate_start(
         problems.append(
             f"regenerate.base_image: is {base.shape[1]}×{base.shape[0]}, the canvas is {collage.width}×{collage.height}"
         )
-    k = regen.layer_index
-    if not isinstance(k, int) or not 0 <= k < len(collage.layers):
+    k, mask = regen.layer_index, regen.mask
+    if (k is None) == (mask is None):
+        problems.append("regenerate.layer_index, mask: give one of them (a layer or a pixel mask), not both")
+    elif mask is not None:
+        if not isinstance(mask, np.ndarray) or mask.dtype not in (np.uint8, np.bool_) or mask.ndim != 2:
+            problems.append("regenerate.mask: must be an (H, W) 8-bit or boolean image")
+        elif mask.shape != (collage.height, collage.width):
+            problems.append(
+                f"regenerate.mask: is {mask.shape[1]}×{mask.shape[0]}, the canvas is {collage.width}×{collage.height}"
+            )
+        elif not mask.any():
+            problems.append("regenerate.mask: selects no pixel")
+    elif not isinstance(k, int) or not 0 <= k < len(collage.layers):
         problems.append(f"regenerate.layer_index: must be in 0..{len(collage.layers) - 1}, got {k!r}")
     elif not any(layer is collage.layers[k] for layer in flat.layers):
         problems.append(f"regenerate.layer_index: layer {k} ('{collage.layers[k].text}') is hidden")
@@ -290,6 +304,9 @@ def _regenerate_start(
         )
     if problems:
         raise CollageError(problems)
+    if mask is not None:
+        region = region_mask(mask.astype(np.float32), regen.dilation_px)
+        return base[..., :3].copy(), strength_map(collage, flat) * region.astype(np.float32)
     index = next(i for i, layer in enumerate(flat.layers) if layer is collage.layers[k])
     layer, mask = flat.layers[index], flat.masks.layers[index]
     placed = place_layer(layer, collage.width, collage.height)

@@ -91,6 +91,15 @@ def _resize_rgba(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(out.convert(mode) if mode == "RGBA" else out)
 
 
+def _resize_mask(mask: np.ndarray | None, width: int, height: int) -> np.ndarray | None:
+    """A regenerate mask at another size: any pixel the canvas mask touches stays selected (the
+    full-size paste-back uses the canvas mask itself)."""
+    if not isinstance(mask, np.ndarray) or mask.ndim != 2:
+        return mask  # generate reports it
+    selected = Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8), "L")
+    return np.asarray(selected.resize((width, height), Image.Resampling.BOX)) > 0
+
+
 def scaled_collage(collage: Collage, width: int, height: int) -> Collage:
     """The collage on a canvas of another size: layers resized and moved in proportion."""
     sx, sy = width / collage.width, height / collage.height
@@ -135,10 +144,16 @@ def generate_at_size(
                     f"regenerate.base_image: must be an image of the canvas size {collage.width}×{collage.height}"
                 ]
             )
+        mask = regenerate.mask
+        if isinstance(mask, np.ndarray) and mask.shape != (collage.height, collage.width):
+            raise CollageError(
+                [f"regenerate.mask: must be an image of the canvas size {collage.width}×{collage.height}"]
+            )
         small_regenerate = dataclasses.replace(
             regenerate,
             base_image=_resize_rgba(base, width, height),
             dilation_px=max(0, round(regenerate.dilation_px * width / collage.width)),
+            mask=_resize_mask(regenerate.mask, width, height),
         )
     result = generate(model, small, regenerate=small_regenerate, **kwargs)
     start, strength = start_and_strength(collage, composite(collage), regenerate)

@@ -215,6 +215,33 @@ async def test_regenerate_changes_only_that_layer(aiohttp_client, config):
     assert not changed[40:, 40:].any(), json.dumps(np.argwhere(changed).tolist()[:10])
 
 
+async def test_regenerate_a_selection_changes_nothing_outside_the_grown_mask(aiohttp_client, config):
+    """A grey mask PNG (the dock's selection) redoes only its pixels, grown by the dilation."""
+    client = await aiohttp_client(create_app(config))
+    first = await T.wait_done(client, (await (await T.submit(client, T.small_request())).json())["id"])
+    base = await (await client.get(first.results[0].url)).read()
+    selected = np.zeros((64, 64), np.uint8)
+    selected[20:36, 4:30] = 255  # part of the sushi and the background below it
+    mask = wire.encode_png(64, 64, selected.tobytes(), channels=1)
+    request = T.small_request(base_image=base, regenerate_mask=mask, regenerate_dilation=2, seed=99)
+    r = await T.submit(client, request)
+    assert r.status == 202, await r.text()
+    again = await T.wait_done(client, (await r.json())["id"])
+    assert again.state == wire.DONE, (again.error, again.problems)
+    a = np.asarray(Image.open(io.BytesIO(base)).convert("RGB")).astype(int)
+    b = np.asarray(Image.open(io.BytesIO(await (await client.get(again.results[0].url)).read())))
+    changed = np.abs(a - b.astype(int)).sum(axis=2) > 0
+    grown = np.zeros((64, 64), bool)
+    grown[18:38, 2:32] = True  # the selection grown by 2 px (a square bound of the round growth)
+    assert changed[20:36, 4:30].any()
+    assert not changed[~grown].any(), np.argwhere(changed & ~grown).tolist()[:10]
+
+    empty = wire.encode_png(64, 64, bytes(64 * 64), channels=1)
+    r = await T.submit(client, T.small_request(base_image=base, regenerate_mask=empty))
+    assert r.status == 422
+    assert (await r.json())["problems"] == ["regenerate_mask: selects no pixel (every pixel is 0)"]
+
+
 async def test_info_describes_each_model_and_a_job_runs_on_sdxl(
     aiohttp_client, tmp_path, demo_pipeline, tiny_sdxl_dir
 ):

@@ -245,3 +245,30 @@ def test_every_piece_on_sdxl_through_the_cli(demo_model_dir, tiny_sdxl_dir, tmp_
     region = (slice(y + 8, y + h - 8), slice(x + 8, x + w - 8))
     assert np.array_equal(image[region][keep], composite_image[region][keep])
     assert not np.array_equal(image, composite_image)
+
+
+def test_regenerate_mask_redoes_only_the_grown_mask(demo_model_dir, inputs, tmp_path, capsys):
+    from core.strength import region_mask
+
+    psd = inputs["psd"]
+    base = tmp_path / "base.png"
+    assert main(["generate", str(psd), "-o", str(base), "--steps", "3", "--size", "document"]) == 0
+    selected = np.zeros((64, 64), np.uint8)
+    selected[40:56, 6:20] = 255
+    mask = tmp_path / "selection.png"
+    Image.fromarray(selected, "L").save(mask)
+    out = tmp_path / "again.png"
+    args = ["generate", str(psd), "-o", str(out), "--steps", "3", "--seed", "9", "--size", "document"]
+    assert main([*args, "--base", str(base), "--regenerate-mask", str(mask), "--dilation", "3"]) == 0
+    before = np.asarray(Image.open(base).convert("RGB"))
+    after = np.asarray(Image.open(out).convert("RGB"))
+    grown = region_mask(selected.astype(np.float32), 3)
+    assert np.array_equal(after[~grown], before[~grown])
+    assert not np.array_equal(after[selected > 0], before[selected > 0])
+
+    capsys.readouterr()
+    assert main([*args, "--regenerate-mask", str(mask)]) == 2
+    assert "--base: missing; --regenerate-mask needs it" in capsys.readouterr().err
+    Image.fromarray(selected[:32], "L").save(mask)
+    assert main([*args, "--base", str(base), "--regenerate-mask", str(mask)]) == 2
+    assert "--regenerate-mask: is 64×32, the canvas is 64×64" in capsys.readouterr().err

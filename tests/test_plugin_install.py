@@ -105,6 +105,11 @@ def test_install_copy_is_complete_and_idempotent(home):
     assert (target / "collage_diffusion.desktop").read_text() == (
         ROOT / "krita_plugin/collage_diffusion.desktop"
     ).read_text()
+    action_file = home / ".local/share/krita/actions/collage_diffusion.action"
+    assert (
+        action_file.read_bytes()
+        == (ROOT / "krita_plugin/collage_diffusion/collage_diffusion.action").read_bytes()
+    )
     record = json.loads((target / ik.CONFIG_NAME).read_text())
     assert record == {"python": "/opt/env/bin/python", "project": str(ROOT), "model": "demo", "args": []}
     assert kritarc.read_text() == "[General]\nfoo=bar\n\n[python]\nenable_collage_diffusion=true\n"
@@ -121,7 +126,7 @@ def test_install_copy_is_complete_and_idempotent(home):
 
     ik.uninstall()
     assert not package.exists() and not (target / "collage_diffusion.desktop").exists()
-    assert not (target / ik.CONFIG_NAME).exists()
+    assert not (target / ik.CONFIG_NAME).exists() and not action_file.exists()
     assert (other / "__init__.py").exists()
     assert kritarc.read_text() == "[General]\nfoo=bar\n\n[python]\n"
     assert ik.uninstall() == []  # nothing left to do
@@ -181,3 +186,45 @@ def test_command_line(tmp_path):
     assert not (home / ".local/share/krita/pykrita/collage_diffusion").exists()
     again = subprocess.run([*run, "--uninstall"], env=env, capture_output=True, text=True, check=True)
     assert "was not installed" in again.stdout
+
+
+def test_action_file_lists_each_action_under_its_category():
+    from krita_plugin.collage_diffusion import actions
+
+    assert actions.action_file_actions() == {
+        spec.id: (actions.CATEGORY, spec.text, spec.shortcut) for spec in actions.ACTIONS
+    }
+    assert len({spec.shortcut.lower() for spec in actions.ACTIONS}) == len(actions.ACTIONS)
+
+
+KRITA_SHARE = Path("/usr/share/krita")
+
+
+@pytest.mark.skipif(not (KRITA_SHARE / "actions").is_dir(), reason="Krita's action files are not installed")
+def test_default_shortcuts_leave_kritas_own_alone():
+    """No default shortcut is one of Krita's: its .action files and its shortcut schemes."""
+    import re
+
+    from krita_plugin.collage_diffusion import actions
+
+    files = [*(KRITA_SHARE / "actions").glob("*.action"), *(KRITA_SHARE / "shortcuts").glob("*.shortcuts")]
+    text = "\n".join(p.read_text("utf-8", "replace") for p in files)
+    taken = {
+        key.strip().lower()
+        for found in re.findall(r"<shortcut>([^<]*)</shortcut>|^\w+=(.*)$", text, re.MULTILINE)
+        for keys in found
+        for key in keys.split(";")
+        if key.strip()
+    }
+    assert "ctrl+alt+shift+c" in taken  # the scan does read Krita's shortcuts
+    assert not {spec.shortcut.lower() for spec in actions.ACTIONS} & taken
+
+
+def test_ensure_action_file_copies_beside_pykrita(tmp_path):
+    from krita_plugin.collage_diffusion import actions
+
+    pykrita = tmp_path / "krita" / "pykrita"
+    assert actions.ensure_action_file(pykrita)
+    copied = tmp_path / "krita" / "actions" / "collage_diffusion.action"
+    assert copied.read_bytes() == actions.ACTION_FILE.read_bytes()
+    assert not actions.ensure_action_file(pykrita)  # the same already

@@ -45,12 +45,14 @@ CHECKS = [
     "dock_model_and_loras_saved_and_sent",
     "generate_on_sdxl",
     "regenerate_changes_only_that_layer",
+    "regenerate_a_selection_changes_nothing_outside_it",
     "regenerate_after_reopen_uses_the_result_layer",
     "layer_stack_result_is_a_group",
     "cancel_stops_and_writes_nothing",
     "bridge_down_gives_a_clear_error",
     "bridge_errors_in_plain_words",
     "local_bridge_starts_and_stops",
+    "layer_list_marks_left_out_layers",
     "dock_panel_builds",
 ]
 

@@ -363,6 +363,26 @@ def test_build_request_variants_and_regenerate():
     assert (plan.request.regenerate_layer, plan.request.base_image, plan.regenerate_name) == (1, base, "b")
     assert plan.request.validate() == []
 
+    # A selection (its grey mask) instead of a layer: the mask goes, no layer index, whatever is active.
+    mask = wire.encode_png(64, 64, bytes([0, 255]) * (32 * 64), channels=1)
+    plan, problems = build_request(
+        records, s, {}, (64, 64), (64, 64), kind="regenerate", base_png=base, regenerate_mask=mask
+    )
+    assert problems == []
+    r = plan.request
+    assert (r.regenerate_layer, r.regenerate_mask, r.base_image, plan.regenerate_name) == (
+        None,
+        mask,
+        base,
+        "selection",
+    )
+    assert r.validate() == [] and plan.regenerate_uid is None
+    small = wire.encode_png(32, 32, bytes(32 * 32), channels=1)
+    plan, problems = build_request(
+        records, s, {}, (64, 64), (64, 64), kind="regenerate", base_png=base, regenerate_mask=small
+    )
+    assert plan is None and problems == ["regenerate_mask: is 32×32, must be the canvas size 64×64"]
+
 
 @pytest.mark.parametrize(
     "kwargs, layers, message",
@@ -589,14 +609,45 @@ def stack():
 def test_walk_lists_visible_layers_bottom_to_top():
     doc = stack()
     listed = document.list_layers(doc)
-    assert [(n.name, n.kind, n.path) for n in listed] == [
-        ("ground", "paintlayer", ()),
-        ("cat", "paintlayer", ("animals",)),
-        ("ball", "paintlayer", ()),
-        ("sign", "vectorlayer", ()),
-        ("empty", "paintlayer", ()),
-        ("far away", "paintlayer", ()),
+    assert [(n.name, n.kind, n.path, n.problem) for n in listed] == [
+        ("ground", "paintlayer", (), ""),
+        ("cat", "paintlayer", ("animals",), ""),
+        ("ball", "paintlayer", (), ""),
+        ("ghost", "paintlayer", ("hidden group",), "hidden by group 'hidden group'"),
+        ("sign", "vectorlayer", (), ""),
+        ("empty", "paintlayer", (), "empty"),
+        ("far away", "paintlayer", (), "no pixel on the canvas"),
     ]
+    assert [n.name for n in listed if not n.problem.startswith("hidden")] == [
+        node.name() for node, _, _ in document.walk(doc)
+    ]
+
+
+def test_layer_marks_say_why_a_layer_will_not_take_part():
+    """The marks come from the rules `build_request` applies (collage.take_part)."""
+    doc = stack()
+    root = doc.rootNode()
+    ground, ball, sign = (root.childNodes()[i] for i in (0, 2, 4))
+    ground.setName("Background")
+    ground.setPixelData(fakekrita.fill(64, 64, (255, 255, 255, 255)), 0, 0, 64, 64)  # covers the canvas
+    ball.setOpacity(0)
+    sign.setName("Layer 3")  # a made-up name says nothing
+    listed = document.list_layers(doc)
+    layers = DocumentSettings().resolve([(n.uid, n.name) for n in listed])
+    cat = next(n.uid for n in listed if n.name == "cat")
+    layers[cat].enabled = False  # ticked off: shown by its tick, not marked
+    marks = collage.layer_marks(listed, layers)
+    assert {n.name: marks[n.uid] for n in listed if n.uid in marks} == {
+        "Background": "the background",
+        "ball": "at opacity 0",
+        "ghost": "hidden by group 'hidden group'",
+        "Layer 3": "not described",
+        "empty": "empty",
+        "far away": "no pixel on the canvas",
+    }
+    sign = next(n.uid for n in listed if n.name == "Layer 3")
+    layers[sign].text = "a red sign"  # described in the dock: the mark goes
+    assert sign not in collage.layer_marks(listed, layers)
 
 
 def test_read_layers_at_document_scale_without_qt(monkeypatch):

@@ -162,6 +162,48 @@ def test_regenerate_validates_its_inputs(demo_pipeline):
         generate(demo_pipeline, c, regenerate=Regenerate(base, 0))
 
 
+def test_regenerate_a_mask_changes_no_pixel_outside_the_grown_mask(demo_pipeline):
+    c = collage()
+    base = generate(demo_pipeline, c).images[0].image
+    mask = np.zeros((64, 64), np.uint8)
+    mask[28:36, 20:30] = 255  # a selection across the background and the leaf's top
+    result = generate(demo_pipeline, c, regenerate=Regenerate(base, mask=mask, dilation_px=3), seeds=[11])
+    out = result.images[0].image
+    grown = region_mask(mask.astype(np.float32), 3)
+    assert grown.sum() > mask.astype(bool).sum()  # grown: the test checks the dilation too
+    assert np.array_equal(out[~grown], base[~grown])
+    assert not np.array_equal(out[29:35, 21:29], base[29:35, 21:29])
+    assert np.array_equal(result.composite, base)  # a selection redoes the result itself
+
+
+def test_regenerate_a_mask_at_another_size_keeps_the_outside(demo_pipeline):
+    from core.sizing import generate_at_size
+
+    c = collage(width=60, height=60)
+    base = generate_at_size(demo_pipeline, c, (64, 64)).images[0].image
+    mask = np.zeros((60, 60), bool)
+    mask[10:20, 30:50] = True
+    out = generate_at_size(demo_pipeline, c, (64, 64), regenerate=Regenerate(base, mask=mask, dilation_px=2))
+    grown = region_mask(mask.astype(np.float32), 2)
+    assert np.array_equal(out.images[0].image[~grown], base[~grown])
+    assert not np.array_equal(out.images[0].image[mask], base[mask])
+
+
+def test_regenerate_mask_is_validated(demo_pipeline):
+    c = collage()
+    base = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(CollageError, match="regenerate.layer_index, mask: give one of them"):
+        generate(demo_pipeline, c, regenerate=Regenerate(base, 0, mask=np.ones((64, 64), bool)))
+    with pytest.raises(CollageError, match="regenerate.layer_index, mask: give one of them"):
+        generate(demo_pipeline, c, regenerate=Regenerate(base))
+    with pytest.raises(CollageError, match="regenerate.mask: selects no pixel"):
+        generate(demo_pipeline, c, regenerate=Regenerate(base, mask=np.zeros((64, 64), np.uint8)))
+    with pytest.raises(CollageError, match="regenerate.mask: is 32×64"):
+        generate(demo_pipeline, c, regenerate=Regenerate(base, mask=np.ones((64, 32), np.uint8)))
+    with pytest.raises(CollageError, match="regenerate.mask: must be an"):
+        generate(demo_pipeline, c, regenerate=Regenerate(base, mask=np.ones((64, 64), np.float64)))
+
+
 def test_all_strengths_zero_returns_the_start_image(demo_pipeline):
     c = collage(strength=0.0)
     for layer in c.layers:

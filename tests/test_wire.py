@@ -1,6 +1,7 @@
 """The wire format: standard library only, JSON round trips, and problems that name their fields."""
 
 import dataclasses
+import io
 import json
 import subprocess
 import sys
@@ -19,6 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def png(w, h, color=(255, 0, 0, 255)):
     return wire.encode_png(w, h, bytes(color) * (w * h))
+
+
+def grey(w, h, value=255):
+    return wire.encode_png(w, h, bytes([value]) * (w * h), channels=1)
 
 
 def request(**overrides):
@@ -98,7 +103,18 @@ def test_defaults_agree_with_core():
         (dict(model=""), "model: must be a model name"),
         (dict(api_version=2), "api_version: this bridge speaks API version 1"),
         (dict(layers=[]), "layers: a collage needs at least one layer"),
-        (dict(base_image=png(64, 64)), "regenerate_layer: missing; base_image needs it"),
+        (dict(base_image=png(64, 64)), "regenerate_layer or regenerate_mask: missing; base_image needs it"),
+        (dict(regenerate_mask=grey(64, 64)), "base_image: missing; regenerate_mask needs it"),
+        (
+            dict(base_image=png(64, 64), regenerate_layer=0, regenerate_mask=grey(64, 64)),
+            "regenerate_layer, regenerate_mask: give one of them",
+        ),
+        (dict(base_image=png(64, 64), regenerate_mask=grey(32, 64)), "regenerate_mask: is 32×64, must be"),
+        (dict(base_image=png(64, 64), regenerate_mask=b"nope"), "regenerate_mask: not a PNG image"),
+        (
+            dict(base_image=png(64, 64), regenerate_mask=grey(64, 64), regenerate_dilation=-1),
+            "regenerate_dilation:",
+        ),
         (dict(regenerate_layer=0), "base_image: missing; regenerate_layer needs it"),
         (
             dict(base_image=png(64, 64), regenerate_layer=5),
@@ -117,6 +133,16 @@ def test_defaults_agree_with_core():
 def test_validate_names_the_field(change, expected):
     problems = request(**change).validate()
     assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_a_selection_regenerate_round_trips_as_a_grey_png():
+    mask = grey(64, 64)
+    r = request(base_image=png(64, 64), regenerate_mask=mask, regenerate_dilation=5)
+    assert r.validate() == []
+    back = wire.JobRequest.from_json(r.to_json())
+    assert back.regenerate_mask == mask and back.regenerate_layer is None and back.regenerate_dilation == 5
+    decoded = Image.open(io.BytesIO(mask))
+    assert decoded.mode == "L" and decoded.size == (64, 64) and decoded.getpixel((3, 3)) == 255
 
 
 def test_any_canvas_size_from_64_is_valid():

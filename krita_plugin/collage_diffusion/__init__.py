@@ -7,7 +7,8 @@ the dock registers itself only when the `krita` module exists, i.e. when Krita l
 
 Modules: `qt` (PyQt5/PyQt6), `document` (reading layers), `collage` (building the request),
 `settings` (stored in the document), `client` (the bridge, never blocking), `results` (writing
-new layers), `model` (state and actions), `dock` (the UI), `bridge_process` (a local bridge).
+new layers), `model` (state and actions), `dock` (the UI), `actions` (Krita actions and their
+shortcuts), `bridge_process` (a local bridge).
 """
 
 try:
@@ -17,12 +18,16 @@ except ImportError:  # outside Krita: the bridge, the tests, a stdlib client
 
 
 def _register() -> None:
+    from .actions import make_extension_class
     from .dock import DOCK_ID, make_dock_class
+
+    app = krita.Krita.instance()
+    app.addExtension(make_extension_class()(app))
 
     base = krita.DockWidgetFactoryBase
     position = getattr(base, "DockPosition", base).DockRight
     factory = krita.DockWidgetFactory(DOCK_ID, position, make_dock_class())
-    krita.Krita.instance().addDockWidgetFactory(factory)
+    app.addDockWidgetFactory(factory)
 
 
 if krita is not None and hasattr(krita, "DockWidgetFactory"):

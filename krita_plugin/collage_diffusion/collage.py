@@ -45,17 +45,79 @@ class LayerRecord:
     # background (see `build_request`): then one of these is set, flattened over white.
     background_rgb: list[int] | None = None  # its colour, when it is a single one
     background_png: bytes | None = None  # else the canvas at generation size, RGB
+    problem: str = ""  # read layers have none (see NodeInfo)
+
+    @property
+    def may_be_background(self) -> bool:
+        return self.background_rgb is not None or self.background_png is not None
 
 
 @dataclass
 class NodeInfo:
-    """A layer as listed in the dock (no pixels): what the layer list shows and keys by."""
+    """A layer as listed in the dock (no pixels): what the layer list shows and keys by.
+
+    `problem` says why the document keeps it out, before any setting ("empty", "no pixel on the
+    canvas", "hidden by group 'x'"); `may_be_background` as `LayerRecord`'s, from its bounds.
+    """
 
     uid: str
     name: str
     kind: str
     path: tuple[str, ...] = ()
     depth: int = 0
+    opacity: float = 1.0  # with the groups' around it
+    problem: str = ""
+    may_be_background: bool = False
+
+
+@dataclass
+class Standing:
+    """Which layers take part (`take_part`): those chosen, in order, and why each other one not."""
+
+    chosen: list = field(default_factory=list)  # LayerRecord or NodeInfo
+    left_out: dict[str, str] = field(default_factory=dict)  # uid -> why, a few plain words
+    notes: list[str] = field(default_factory=list)  # sentences for the dock's notice
+    background: object | None = None  # the layer that became the image's background
+
+
+#: The reason of a layer the user ticked off: the dock shows it as its tick, not as a mark.
+TICKED_OFF = "ticked off"
+
+
+def take_part(items: list, layers: dict[str, LayerSettings]) -> Standing:
+    """The rules of which layers take part, for the request (`build_request`, on read layers)
+    and for the dock's marks (`layer_marks`, on listed ones): bottom to top, a layer is left out
+    when the document keeps it out (`problem`), it is ticked off, its opacity is 0, it is the
+    bottom "Background" covering the canvas with no text (then the image's background), or
+    nothing says what it shows."""
+    out = Standing()
+    for r in items:
+        s = layers.get(r.uid, LayerSettings())
+        if r.problem:
+            out.left_out[r.uid] = r.problem
+        elif not s.enabled:
+            out.left_out[r.uid] = TICKED_OFF
+        elif r.opacity <= 0:
+            out.left_out[r.uid] = "at opacity 0"
+            out.notes.append(f"layer '{r.name}' has opacity 0; left out")
+        elif not out.chosen and out.background is None and r.may_be_background and not s.text.strip():
+            out.background = r
+            out.left_out[r.uid] = "the background"
+            out.notes.append(f"layer '{r.name}' is the background (give it a text to make it an object)")
+        elif not layer_text(s, r.name):
+            out.left_out[r.uid] = "not described"
+            out.notes.append(
+                f"layer '{r.name}' is left out: its name says nothing about what it shows;"
+                " give it a text in the dock (or a name like 'a red armchair')"
+            )
+        else:
+            out.chosen.append(r)
+    return out
+
+
+def layer_marks(listed: list[NodeInfo], layers: dict[str, LayerSettings]) -> dict[str, str]:
+    """uid -> why the layer will not take part, for the dock's list (ticked-off ones show as such)."""
+    return {uid: why for uid, why in take_part(listed, layers).left_out.items() if why != TICKED_OFF}
 
 
 @dataclass
@@ -130,52 +192,28 @@ def build_request(
     regenerate_uid: str | None = None,
     model: str | None = None,
     loras: list[dict] | None = None,
+    regenerate_mask: bytes | None = None,
 ) -> tuple[Plan | None, list[str]]:
     """The request for the layers that take part, or None and what stops it (plain sentences).
 
     `records` are the document's visible, non-empty layers bottom to top; `layers` their settings
     by uniqueId (`DocumentSettings.resolve`). Layers ticked off in the dock are left out.
-    `model` and `loras` are the request's (`choices.request_choices`).
+    `model` and `loras` are the request's (`choices.request_choices`). A regenerate redoes the
+    layer `regenerate_uid`, or with `regenerate_mask` (a grey PNG of the selection at `size`)
+    the selected pixels instead.
     """
     problems: list[str] = []
-    notes: list[str] = []
-    chosen: list[LayerRecord] = []
+    standing = take_part(records, layers)
+    chosen: list[LayerRecord] = standing.chosen
+    notes, skipped = standing.notes, standing.left_out  # skipped: uid -> why it is not a layer
+    background = standing.background.background_rgb if standing.background is not None else None
+    background_png = standing.background.background_png if standing.background is not None else None
     specs: list[wire.LayerSpec] = []
-    background: list[int] | None = None
-    background_png: bytes | None = None
-    background_uid = None
-    skipped: dict[str, str] = {}  # uid -> why it is not a layer of the request
-    for r in records:
+    for r in chosen:
         s = layers.get(r.uid, LayerSettings())
-        if not s.enabled:
-            skipped[r.uid] = "ticked off"
-            continue
-        if r.opacity <= 0:
-            skipped[r.uid] = "at opacity 0"
-            notes.append(f"layer '{r.name}' has opacity 0; left out")
-            continue
-        if (
-            not chosen
-            and background_uid is None
-            and (r.background_rgb is not None or r.background_png is not None)
-            and not s.text.strip()
-        ):
-            background, background_png, background_uid = r.background_rgb, r.background_png, r.uid
-            skipped[r.uid] = "the background"
-            notes.append(f"layer '{r.name}' is the background (give it a text to make it an object)")
-            continue
-        text = layer_text(s, r.name)
-        if not text:
-            skipped[r.uid] = "not described"
-            notes.append(
-                f"layer '{r.name}' is left out: its name says nothing about what it shows;"
-                " give it a text in the dock (or a name like 'a red armchair')"
-            )
-            continue
-        chosen.append(r)
         specs.append(
             wire.LayerSpec(
-                text=text,
+                text=layer_text(s, r.name),
                 png=r.png,
                 x=r.x,
                 y=r.y,
@@ -200,12 +238,14 @@ def build_request(
         if base_png is None:
             problems.append("Nothing to regenerate from yet: generate an image first.")
         uids = [r.uid for r in chosen]
-        if regenerate_uid is None:
-            problems.append("Select the layer to regenerate in Krita's layer list first.")
+        if regenerate_mask is not None:
+            regenerate_uid, regenerate_name = None, "selection"
+        elif regenerate_uid is None:
+            problems.append("Select the layer to regenerate in Krita's layer list (or select an area) first.")
         elif regenerate_uid not in uids:
             names = {r.uid: r.name for r in records}
             why = skipped.get(regenerate_uid)
-            if why == "ticked off":
+            if why == TICKED_OFF:
                 problems.append(
                     f"The selected layer '{names[regenerate_uid]}' is ticked off in the dock: tick it to regenerate it."
                 )
@@ -248,6 +288,9 @@ def build_request(
     if regenerate_index is not None:
         request.base_image = base_png
         request.regenerate_layer = regenerate_index
+    elif kind == "regenerate":
+        request.base_image = base_png
+        request.regenerate_mask = regenerate_mask
     problems = request.validate()
     if problems:
         return None, [_plain_problem(p, chosen) for p in problems]

@@ -10,9 +10,9 @@ machinery; `CollageDock` puts it into a Krita docker.
 
 from __future__ import annotations
 
-from . import document, qt
+from . import actions, document, qt
 from .bridge_process import make_local_bridge
-from .collage import NodeInfo
+from .collage import NodeInfo, layer_marks
 from .dock_models import ModelSection
 from .dock_sections import (
     ActionsSection,
@@ -66,6 +66,7 @@ class CollagePanel(W.QWidget):
         self.settings = DocumentSettings()
         self.layer_settings: dict[str, LayerSettings] = {}
         self._listed: list[tuple] = []
+        self._infos: list[NodeInfo] = []  # the listed layers, with what keeps each out
         self._loading = False
         self._dirty = False  # edits not yet written into the document
         self._snapshot = ""  # the settings as last read from or written to the document
@@ -79,6 +80,7 @@ class CollagePanel(W.QWidget):
         self._watch.start(1500)
         self._on_busy(False)
         self._on_info()
+        actions.register_panel(self)  # Krita's actions (shortcuts) call the action_* methods
 
     # -- building ------------------------------------------------------------------------------------
 
@@ -198,10 +200,18 @@ class CollagePanel(W.QWidget):
         if signature != self._listed:
             self._listed = signature
             self._rebuild_rows(listed)
+        else:
+            self._infos = listed
+            self._show_marks()  # bounds, opacity and groups' visibility change without new rows
 
     def _rebuild_rows(self, listed: list[NodeInfo]) -> None:
+        self._infos = listed
         self.layer_settings = self.settings.resolve([(n.uid, n.name) for n in listed])
         self.layers_section.show_layers(listed, self.layer_settings, self.doc is not None)
+        self._show_marks()
+
+    def _show_marks(self) -> None:
+        self.layers_section.show_marks(layer_marks(self._infos, self.layer_settings))
 
     def _load_widgets(self) -> None:
         s = self.settings
@@ -226,6 +236,7 @@ class CollagePanel(W.QWidget):
         row, entry = self.rows.get(uid), self.layer_settings.get(uid)
         if row is not None and entry is not None:
             row.store(entry)
+            self._show_marks()  # a text given (or taken away) changes "not described"
             self._dirty = True
             self._save_timer.start(400)
 
@@ -281,11 +292,42 @@ class CollagePanel(W.QWidget):
         self.model.check_connection()
 
     def _on_pick(self, item) -> None:
-        index = self.results_section.thumbs.row(item)
+        self._show_variant(self.results_section.thumbs.row(item))
+
+    def _show_variant(self, index: int) -> None:
         seed = self.model.pick(self.doc, index)
         if seed is not None:
+            self.results_section.thumbs.setCurrentRow(index)
             self.notice.setText(f"Showing variant {index + 1} (seed {seed}); Generate reproduces it.")
             self.options_section.seed.setValue(seed % 2**31)
+
+    # -- Krita actions (actions.py): the same as the dock's buttons ----------------------------------
+
+    def action_generate(self) -> None:
+        self._run("generate")
+
+    def action_variants(self) -> None:
+        self._run("variants")
+
+    def action_regenerate(self) -> None:
+        self._run("regenerate")
+
+    def action_cancel(self) -> None:
+        self.model.cancel()
+
+    def action_next_variant(self) -> None:
+        self._step_variant(1)
+
+    def action_previous_variant(self) -> None:
+        self._step_variant(-1)
+
+    def _step_variant(self, step: int) -> None:
+        self.refresh()  # follow the active document first, as a button press would
+        last = self.model.results_for(self.doc)
+        if last is None or len(last.entries) < 2:
+            self.notice.setText("No variants to step through: press Variants first.")
+            return
+        self._show_variant((last.picked + step) % len(last.entries))
 
     # -- model signals -------------------------------------------------------------------------------
 

@@ -120,6 +120,11 @@ class LayersSection(W.QGroupBox):
         else:
             self.no_layers.setText("No visible layer: show or paint a layer.")
 
+    def show_marks(self, marks: dict[str, str]) -> None:
+        """Mark each row whose layer will not take part with why (`collage.layer_marks`)."""
+        for uid, row in self.rows.items():
+            row.show_mark(marks.get(uid, ""))
+
 
 class OptionsSection(W.QWidget):
     """Seed, steps, variants, size and the background's strength."""

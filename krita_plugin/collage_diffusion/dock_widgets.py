@@ -8,6 +8,15 @@ from .settings import LayerSettings
 
 W = qt.QtWidgets
 
+#: What to do about each mark (by its first words), as the row's tooltip.
+MARK_TIPS = {
+    "empty": "Nothing is painted on this layer.",
+    "no pixel on the canvas": "The layer lies entirely outside the canvas: move it in.",
+    "hidden by group": "A group around this layer is hidden: show the group.",
+    "at opacity 0": "Raise the layer's (or its group's) opacity in Krita.",
+    "not described": "Its name says nothing about what it shows: type what it shows here.",
+    "the background": "The bottom 'Background' is the image's background; type a text to make it an object.",
+}
 KIND_MARKS = {"paintlayer": "", "vectorlayer": " (vector)", "filelayer": " (file)", "filllayer": " (fill)"}
 
 
@@ -69,6 +78,13 @@ class LayerRow(W.QFrame):
         top.addWidget(self.enabled, 1)
         top.addWidget(self.appearance)
         layout.addLayout(top)
+        self.mark = W.QLabel()  # why the layer will not take part (collage.layer_marks), if so
+        self.mark.setWordWrap(True)
+        self.mark.setStyleSheet("color: gray; font-style: italic;")
+        self.mark.hide()
+        layout.addWidget(self.mark)
+        self.reason = ""
+        self._wanted = True  # the user's tick, kept while a mark shows the layer unticked
         self.text = W.QLineEdit()
         if info.name.strip().lower() == "background":
             self.text.setPlaceholderText("the background; or describe it to make it an object")
@@ -100,7 +116,8 @@ class LayerRow(W.QFrame):
     def load(self, s: LayerSettings) -> None:
         for widget in (self.enabled, self.appearance, self.text):
             widget.blockSignals(True)
-        self.enabled.setChecked(s.enabled)
+        self._wanted = s.enabled
+        self.enabled.setChecked(s.enabled and not self.reason)
         self.appearance.setChecked(s.appearance)
         self.text.setText(s.text)
         for widget in (self.enabled, self.appearance, self.text):
@@ -111,7 +128,7 @@ class LayerRow(W.QFrame):
         self._show_enabled(s.enabled)
 
     def store(self, s: LayerSettings) -> None:
-        s.enabled = self.enabled.isChecked()
+        s.enabled = self._wanted
         s.appearance = self.appearance.isChecked()
         s.text = self.text.text()
         s.strength = self.strength.value()
@@ -119,9 +136,30 @@ class LayerRow(W.QFrame):
         s.control_weight = self.control.value()
 
     def _on_enabled(self, on: bool) -> None:
+        self._wanted = on
         self._show_enabled(on)
         self.changed.emit()
 
+    #: Marks a painter fixes in this row (a text makes the layer an object): its text stays editable.
+    FIXED_BY_TEXT = ("not described", "the background")
+
+    def show_mark(self, reason: str) -> None:
+        """Show the layer as left out, and why ("" : it takes part as its tick says): greyed and
+        unticked in effect, the user's tick kept for when the reason goes."""
+        if reason == self.reason:
+            return
+        self.reason = reason
+        self.mark.setText(f"left out: {reason}" if reason else "")
+        self.mark.setVisible(bool(reason))
+        self.mark.setToolTip(MARK_TIPS.get(reason.split(" '")[0], ""))
+        blocked = self.enabled.blockSignals(True)
+        self.enabled.setChecked(self._wanted and not reason)
+        self.enabled.blockSignals(blocked)
+        self.enabled.setEnabled(not reason)
+        self._show_enabled(self._wanted)
+
     def _show_enabled(self, on: bool) -> None:
-        for widget in (self.text, self.strength, self.attention, self.control, self.appearance):
+        on = on and not self.reason
+        for widget in (self.strength, self.attention, self.control, self.appearance):
             widget.setEnabled(on)
+        self.text.setEnabled(on or (self._wanted and self.reason in self.FIXED_BY_TEXT))

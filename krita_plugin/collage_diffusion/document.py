@@ -78,30 +78,75 @@ def find_results_group(doc, uid_hint: str = ""):
 def walk(doc, results_uid: str = "") -> Iterator[tuple[object, tuple[str, ...], float]]:
     """(node, group path, opacity of the groups around it) for every visible layer that may be
     read, bottom to top."""
+    for node, path, factor, hidden_by in walk_listed(doc, results_uid):
+        if hidden_by is None:
+            yield node, path, factor
+
+
+def walk_listed(doc, results_uid: str = "") -> Iterator[tuple[object, tuple[str, ...], float, str | None]]:
+    """As `walk`, with the visible layers inside hidden groups too: (node, path, factor, the name
+    of the outermost hidden group around it, or None). The dock lists those, marked."""
     results = find_results_group(doc, results_uid)
     skip = uid_of(results) if results is not None else None
 
-    def visit(parent, path: tuple[str, ...], factor: float):
+    def visit(parent, path: tuple[str, ...], factor: float, hidden_by: str | None):
         for node in parent.childNodes():
             kind = node.type()
-            if kind in MASK_TYPES or not node.visible():
+            if kind in MASK_TYPES:
                 continue
             if kind == "grouplayer":
                 if path == () and skip is not None and uid_of(node) == skip:
                     continue
-                yield from visit(node, (*path, node.name()), factor * node.opacity() / 255.0)
+                hidden = hidden_by if hidden_by is not None or node.visible() else node.name()
+                yield from visit(node, (*path, node.name()), factor * node.opacity() / 255.0, hidden)
+            elif not node.visible():
+                continue
             elif kind in READ_OWN_PIXELS or kind in READ_PROJECTION:
-                yield node, path, factor
+                yield node, path, factor, hidden_by
 
-    yield from visit(doc.rootNode(), (), 1.0)
+    yield from visit(doc.rootNode(), (), 1.0, None)
+
+
+def on_canvas(node, canvas: tuple[int, int, int, int]) -> tuple[tuple[int, int, int, int] | None, str]:
+    """The part of the node's bounds on the canvas, or (None, why not: "empty", "no pixel on the
+    canvas"); the same rule for reading and for the dock's marks."""
+    bounds = node.bounds()
+    if bounds.isEmpty():
+        return None, "empty"
+    rect = pixels.intersect((bounds.x(), bounds.y(), bounds.width(), bounds.height()), canvas)
+    return rect, "" if rect is not None else "no pixel on the canvas"
+
+
+def may_be_background(first: bool, name: str, box: tuple[int, int, int, int], canvas) -> bool:
+    """Whether a layer may become the image's background: the first one with content, named
+    "Background", covering the canvas (`collage.take_part` decides, with its text)."""
+    return first and name.strip().lower() == "background" and tuple(box) == tuple(canvas)
 
 
 def list_layers(doc, results_uid: str = "") -> list[NodeInfo]:
-    """The layers the dock lists (visible, readable), bottom to top, without reading pixels."""
-    return [
-        NodeInfo(uid=uid_of(node), name=node.name(), kind=node.type(), path=path, depth=len(path))
-        for node, path, _ in walk(doc, results_uid)
-    ]
+    """The layers the dock lists, bottom to top, without reading pixels: the visible, readable
+    ones, and those hidden only by a group; each with what keeps it out (`NodeInfo.problem`)."""
+    canvas = (0, 0, doc.width(), doc.height())
+    listed, first = [], True
+    for node, path, factor, hidden_by in walk_listed(doc, results_uid):
+        rect, problem = on_canvas(node, canvas)
+        if hidden_by is not None:
+            problem = f"hidden by group '{hidden_by}'"
+        background = problem == "" and may_be_background(first, node.name(), rect, canvas)
+        first = first and problem != ""
+        listed.append(
+            NodeInfo(
+                uid=uid_of(node),
+                name=node.name(),
+                kind=node.type(),
+                path=path,
+                depth=len(path),
+                opacity=factor * node.opacity() / 255.0,
+                problem=problem,
+                may_be_background=background,
+            )
+        )
+    return listed
 
 
 def node_by_uid(doc, uid: str):
@@ -172,13 +217,10 @@ def _read(doc, width: int, height: int, size, results_uid: str, compression: int
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="collage-encode") as pool:
         for node, path, factor in walk(doc, results_uid):
             start = time.perf_counter()
-            bounds = node.bounds()
-            if bounds.isEmpty():
-                stats.skipped.append(f"layer '{node.name()}' is empty; left out")
-                continue
-            rect = pixels.intersect((bounds.x(), bounds.y(), bounds.width(), bounds.height()), canvas)
+            rect, problem = on_canvas(node, canvas)
             if rect is None:
-                stats.skipped.append(f"layer '{node.name()}' has no pixel on the canvas; left out")
+                how = "is empty" if problem == "empty" else f"has {problem}"
+                stats.skipped.append(f"layer '{node.name()}' {how}; left out")
                 continue
             x, y, w, h = rect
             kind = node.type()
@@ -196,7 +238,7 @@ def _read(doc, width: int, height: int, size, results_uid: str, compression: int
             while sum(not j[1].done() for j in jobs) >= 2 * workers:
                 next(j[1] for j in jobs if not j[1].done()).result()
             background = (None, None)
-            if not jobs and node.name().strip().lower() == "background" and doc_box == canvas:
+            if may_be_background(not jobs, node.name(), doc_box, canvas):
                 background = background_of(data, w, h, factor * node.opacity() / 255.0, (gw, gh), compression)
             future = pool.submit(encode_bgra, data, w, h, box, (tw, th), compression)
             del data
@@ -294,6 +336,27 @@ def read_canvas_png(node, doc_size: tuple[int, int], size: tuple[int, int]) -> b
             qt.Qt.AspectRatioMode.IgnoreAspectRatio,
             qt.Qt.TransformationMode.SmoothTransformation,
         )
+    return qt.png_bytes(image, 1)
+
+
+def read_selection_png(doc, size: tuple[int, int]) -> bytes | None:
+    """The document's selection as a grey PNG at `size` (the regenerate mask: > 0 selected), or
+    None when nothing is selected."""
+    selection = doc.selection() if hasattr(doc, "selection") else None
+    if selection is None:
+        return None
+    w, h = doc.width(), doc.height()
+    data = bytes(selection.pixelData(0, 0, w, h))  # one byte a pixel, 0 outside the selection
+    if data.count(0) == len(data):
+        return None
+    if (w, h) == tuple(size):
+        return wire.encode_png(w, h, data, channels=1, level=1)
+    image = qt.QImage(data, w, h, w, qt.QImage.Format.Format_Grayscale8).scaled(
+        size[0],
+        size[1],
+        qt.Qt.AspectRatioMode.IgnoreAspectRatio,
+        qt.Qt.TransformationMode.SmoothTransformation,
+    )
     return qt.png_bytes(image, 1)
 
 

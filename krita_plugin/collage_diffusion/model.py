@@ -161,8 +161,9 @@ class CollageModel(qt.QObject):
 
     def generate(self, doc, kind: str = "generate", active_uid: str | None = None) -> bool:
         """Start a job for `doc`: "generate" (one image, the seed of the settings), "variants"
-        (the variant count, from a new random seed) or "regenerate" (the layer `active_uid`,
-        default Krita's active layer, redone on the last result). False when it did not start
+        (the variant count, from a new random seed) or "regenerate" (the document's selection,
+        when it has one, else the layer `active_uid`, default Krita's active layer, redone on
+        the last result). False when it did not start
         (the reason went out through `error`)."""
         if self.busy:
             return self._refuse("A generation is already running: wait for it or press Cancel.")
@@ -181,12 +182,13 @@ class CollageModel(qt.QObject):
             return self._refuse(f"Could not read the document's layers: {error}")
         listed = document.list_layers(doc, settings.results_group)
         layer_settings = settings.resolve([(n.uid, n.name) for n in listed])
-        seed, variants, base = settings.seed, 1, None
+        seed, variants, base, mask = settings.seed, 1, None, None
         if kind == "variants":
             seed, variants = random.randrange(2**31), settings.variants
         elif kind == "regenerate":
             seed = random.randrange(2**31)
-            if active_uid is None:
+            mask = document.read_selection_png(doc, size)  # a selection wins over the active layer
+            if mask is None and active_uid is None:
                 active_uid = document.active_layer_uid(doc)
             base = self._regenerate_base(doc, size, settings.results_group)
         plan, problems = collage.build_request(
@@ -202,6 +204,7 @@ class CollageModel(qt.QObject):
             regenerate_uid=active_uid,
             model=model,
             loras=loras,
+            regenerate_mask=mask,
         )
         if plan is None:
             return self._refuse("\n".join(problems))

@@ -10,7 +10,7 @@ import sys
 
 from . import qt
 from .collage import RESULTS_GROUP_NAME
-from .document import SRGB_PROFILE, find_results_group, is_rgba8, uid_of
+from .document import MASK_TYPES, SRGB_PROFILE, find_results_group, is_rgba8, uid_of
 
 
 def ensure_results_group(doc, uid_hint: str = ""):
@@ -21,7 +21,8 @@ def ensure_results_group(doc, uid_hint: str = ""):
         group = doc.createGroupLayer(RESULTS_GROUP_NAME)
         root.addChildNode(group, None)  # None: on top
     else:
-        children = root.childNodes()
+        # Krita's global selection is a mask node at the very top: it is not above the group.
+        children = [node for node in root.childNodes() if node.type() not in MASK_TYPES]
         if children and uid_of(children[-1]) != uid_of(group):
             # Only our own group moves; Krita keeps its children with it.
             group.remove()

@@ -21,8 +21,8 @@ def png_size(data: bytes) -> tuple[int, int] | None:
 
 
 def encode_png(width: int, height: int, pixels: bytes, channels: int = 4, level: int = 6) -> bytes:
-    """An 8-bit PNG from raw rows (RGBA when `channels` is 4, RGB when 3)."""
-    color_type = {3: 2, 4: 6}[channels]
+    """An 8-bit PNG from raw rows (RGBA when `channels` is 4, RGB when 3, grey when 1)."""
+    color_type = {1: 0, 3: 2, 4: 6}[channels]
     stride = width * channels
     if len(pixels) != stride * height:
         raise ValueError(

@@ -57,6 +57,8 @@ class JobRequest:
     "Regenerate": `base_image` (a PNG of the whole canvas, usually an earlier result) with
     `regenerate_layer` (an index into `layers`) asks to redo only that layer's region of the
     base, `regenerate_dilation` pixels around it included. Both or neither must be given.
+    Or `base_image` with `regenerate_mask` (a canvas-size grey PNG, a selection: pixels > 0 are
+    redone with the layers' settings, grown by `regenerate_dilation`) instead of the layer.
     """
 
     prompt: str
@@ -79,6 +81,7 @@ class JobRequest:
     base_image: bytes | None = None  # canvas-size PNG to regenerate from
     regenerate_layer: int | None = None  # index into `layers`
     regenerate_dilation: int = 8  # how far around the layer's visible pixels may change
+    regenerate_mask: bytes | None = None  # canvas-size grey PNG: redo the pixels > 0 (a selection)
     # LoRAs for this job: [{"name": a LoRA listed in InfoResponse.loras, "weight": -4..4 (default 1)}]
     loras: list[dict] = field(default_factory=list)
     output: str = "image"  # "image", or "layers": each result also as a layer stack (wire.OUTPUTS)
@@ -107,7 +110,12 @@ class JobRequest:
         if not isinstance(data, dict):
             raise WireError([f"body: must be a JSON object, got {_json_type(data)}"])
         kwargs = _read_fields(
-            cls, data, "", problems, binary=("background_png", "base_image"), skip=("layers",)
+            cls,
+            data,
+            "",
+            problems,
+            binary=("background_png", "base_image", "regenerate_mask"),
+            skip=("layers",),
         )
         for name in ("prompt", "layers"):
             if name not in data:
@@ -220,15 +228,23 @@ class JobRequest:
             _check_number(p, f"{where}.weight", item.get("weight", 1.0), -MAX_LORA_WEIGHT, MAX_LORA_WEIGHT)
 
     def _validate_regenerate(self, p: list[str], lim: Limits, canvas: tuple[int, int] | None) -> None:
-        if (self.base_image is None) != (self.regenerate_layer is None):
+        target = self.regenerate_layer is not None or self.regenerate_mask is not None
+        if self.regenerate_layer is not None and self.regenerate_mask is not None:
+            p.append("regenerate_layer, regenerate_mask: give one of them (a layer or a selection), not both")
+        if (self.base_image is None) == target:
             given, missing = (
-                ("base_image", "regenerate_layer")
+                ("base_image", "regenerate_layer or regenerate_mask")
                 if self.base_image is not None
-                else ("regenerate_layer", "base_image")
+                else (
+                    "regenerate_mask" if self.regenerate_mask is not None else "regenerate_layer",
+                    "base_image",
+                )
             )
             p.append(f"{missing}: missing; {given} needs it (regenerate takes both, or neither)")
         if self.base_image is not None:
             _check_png(p, "base_image", self.base_image, lim.max_canvas_pixels, canvas)
+        if self.regenerate_mask is not None:
+            _check_png(p, "regenerate_mask", self.regenerate_mask, lim.max_canvas_pixels, canvas)
         if self.regenerate_layer is not None:
             n = len(self.layers) if isinstance(self.layers, list) else 0
             if not _is_int(self.regenerate_layer) or not 0 <= self.regenerate_layer < max(n, 1):
@@ -237,6 +253,7 @@ class JobRequest:
                 )
             elif self.regenerate_layer < n and self.layers[self.regenerate_layer].visible is False:
                 p.append(f"regenerate_layer: layer {self.regenerate_layer} is hidden (visible is false)")
+        if target:
             _check_int(p, "regenerate_dilation", self.regenerate_dilation, 0, 256)
 
     def _validate_layers(self, p: list[str], lim: Limits, canvas: tuple[int, int] | None) -> None:

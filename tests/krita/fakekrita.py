@@ -126,6 +126,9 @@ class Node:
     def setVisible(self, visible):  # noqa: N802
         self._visible = bool(visible)
 
+    def setOpacity(self, opacity):  # noqa: N802
+        self._opacity = opacity
+
     def setName(self, name):  # noqa: N802
         self._name = name
 

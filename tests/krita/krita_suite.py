@@ -689,6 +689,57 @@ def regenerate_changes_only_that_layer(report):
 
 
 @check(needs_bridge=True)
+def regenerate_a_selection_changes_nothing_outside_it(report):
+    """With a selection, Regenerate redoes only the selected area (grown by the dilation, 8 px)
+    of the last result, whichever layer is active; every other pixel keeps its bytes."""
+    from collage_diffusion import pixels
+    from krita import Selection
+
+    doc = build_document()
+    try:
+        set_prompt(doc, "a red sign, a cat and a ball on green ground", seed=9)
+        model = make_model()
+        model.generate(doc, "generate")
+        model.wait_idle(120)
+        assert_eq(model.last_error, "", "generate error")
+        selection = Selection()
+        selection.select(56, 64, 40, 24, 255)  # across the moon, the background and the ground
+        doc.setSelection(selection)
+        settle(doc)
+        before = fingerprint(doc)  # with Krita's own selection node, made by setSelection
+        if not model.generate(doc, "regenerate"):
+            raise AssertionError(f"regenerate did not start: {model.last_error}")
+        model.wait_idle(120)
+        assert_eq(model.last_error, "", "regenerate error")
+        assert_eq(fingerprint(doc), before, "user layers after regenerate")
+        layers = result_layers(doc)
+        assert_eq(len(layers), 2, "regenerate wrote a new layer, the first result kept")
+        if "regenerated selection" not in layers[-1].name():
+            raise AssertionError(f"regenerate layer name: {layers[-1].name()!r}")
+        old = bytes(layers[0].pixelData(0, 0, SIZE, SIZE))
+        new = bytes(layers[1].pixelData(0, 0, SIZE, SIZE))
+        changed = [i // 4 for i in range(0, len(old), 4) if old[i : i + 4] != new[i : i + 4]]
+        inside = [p for p in changed if 56 <= p % SIZE < 96 and 64 <= p // SIZE < 88]
+        if not inside:
+            raise AssertionError("nothing changed inside the selection")
+        x0, y0, w, h = pixels.dilate_box((56, 64, 40, 24), 8, SIZE, SIZE)
+        outside = [
+            (p % SIZE, p // SIZE)
+            for p in changed
+            if not (x0 <= p % SIZE < x0 + w and y0 <= p // SIZE < y0 + h)
+        ]
+        if outside:
+            raise AssertionError(
+                f"{len(outside)} pixels changed outside the grown selection, e.g. {outside[:5]}"
+            )
+        report["detail"] = (
+            f"{len(changed)} pixels changed ({len(inside)} selected), all inside {x0},{y0} {w}×{h}"
+        )
+    finally:
+        doc.close()
+
+
+@check(needs_bridge=True)
 def regenerate_after_reopen_uses_the_result_layer(report):
     """After reopening a .kra (no result in memory), regenerate starts from the topmost visible
     result layer of the document."""
@@ -870,6 +921,60 @@ def local_bridge_starts_and_stops(report):
 
 
 @check()
+def layer_list_marks_left_out_layers(report):
+    """The dock's layer list marks what the request will leave out, and why, before Generate:
+    the empty layer, a layer entirely off the canvas, one hidden by its group, one whose name
+    says nothing; unticked and greyed in effect; a mark goes when its cause does."""
+    import fakekrita  # its Host: the dock's host without Krita's window
+    from collage_diffusion import dock, document
+
+    doc = build_document()
+    try:
+        bird = paint(doc, doc.rootNode(), "off canvas bird", (20, 20, 200, 255), (200, 200, 16, 16))
+        paint(doc, doc.rootNode(), "Paint Layer 3", (20, 200, 20, 255), (4, 4, 8, 8))
+        settle(doc)
+        set_prompt(doc, "a red sign, a cat and a ball on green ground")
+        panel = dock.CollagePanel(fakekrita.Host(doc))
+        panel.refresh()
+        marks = {row.info.name: row.mark.text() for row in panel.rows.values() if row.reason}
+        assert_eq(
+            marks,
+            {
+                "empty": "left out: empty",
+                "off canvas bird": "left out: no pixel on the canvas",
+                "ghost": "left out: hidden by group 'hidden group'",
+                "Paint Layer 3": "left out: not described",
+            },
+            "marks",
+        )
+        rows = {row.info.name: row for row in panel.rows.values()}
+        assert_eq(
+            (rows["empty"].enabled.isChecked(), rows["empty"].enabled.isEnabled()),
+            (False, False),
+            "a marked layer: unticked, greyed",
+        )
+        assert_eq(rows["cat"].enabled.isChecked(), True, "an unmarked layer")
+        # The request leaves out exactly those (the same rules): one note each, none sent.
+        _records, stats = document.read_layers(doc)
+        assert_eq(
+            sorted(s.split("'")[1] for s in stats.skipped), ["empty", "off canvas bird"], "skipped when read"
+        )
+        bird.move(-150, -150)  # now on the canvas
+        settle(doc)
+        rows["Paint Layer 3"].text.setText("a green leaf")
+        rows["Paint Layer 3"].text.textEdited.emit("a green leaf")
+        panel.refresh()
+        marks = {row.info.name: row.reason for row in panel.rows.values() if row.reason}
+        assert_eq(sorted(marks), ["empty", "ghost"], "marks after moving the bird and describing the leaf")
+        assert_eq(rows["off canvas bird"].enabled.isChecked(), True, "the bird ticked again")
+        panel.shutdown()
+        panel.deleteLater()
+        report["detail"] = f"marked: {marks}"
+    finally:
+        doc.close()
+
+
+@check()
 def dock_panel_builds(report):
     """The dock's widget with a document: one row per listed layer, settings shown; saved as PNG
     (``dock-offscreen.png`` in the scratch folder) for a look."""
@@ -883,8 +988,9 @@ def dock_panel_builds(report):
         panel.resize(360, 1100)
         panel.refresh()
         names = [row.info.name for row in panel.rows.values()]
-        # Every visible layer is listed, the empty one too (it may be painted on next).
-        assert_eq(sorted(names), sorted([e[0] for e in EXPECTED] + ["empty"]), "rows")
+        # Every visible layer is listed, the empty one too (it may be painted on next), and the
+        # one only its hidden group hides (marked, see layer_list_marks_left_out_layers).
+        assert_eq(sorted(names), sorted([e[0] for e in EXPECTED] + ["empty", "ghost"]), "rows")
         cat = next(r for r in panel.rows.values() if r.info.name == "cat")
         assert_eq(cat.text.text(), "a ginger cat", "cat's text field")
         assert_eq(panel.prompt.toPlainText(), "a red sign, a cat and a ball on green ground", "prompt field")

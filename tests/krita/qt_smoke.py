@@ -108,9 +108,26 @@ def dock_panel(report):
     panel.refresh()
     eq(
         sorted(r.info.name for r in panel.rows.values()),
-        ["ball", "cat", "empty", "far away", "ground", "sign"],
+        ["ball", "cat", "empty", "far away", "ghost", "ground", "sign"],
         "rows",
     )
+    marks = {r.info.name: r.mark.text() for r in panel.rows.values() if r.reason}
+    eq(
+        marks,
+        {
+            "empty": "left out: empty",
+            "far away": "left out: no pixel on the canvas",
+            "ghost": "left out: hidden by group 'hidden group'",
+        },
+        "marks",
+    )
+    empty = next(r for r in panel.rows.values() if r.info.name == "empty")
+    eq((empty.enabled.isChecked(), empty.enabled.isEnabled()), (False, False), "marked: unticked, greyed")
+    far = next(n for n in doc.rootNode().childNodes() if n.name() == "far away")
+    far.setPixelData(fakekrita.fill(4, 4, (1, 2, 3, 255)), 60, 60, 4, 4)  # moved onto the canvas
+    panel.refresh()
+    far_row = next(r for r in panel.rows.values() if r.info.name == "far away")
+    eq((far_row.reason, far_row.enabled.isChecked()), ("", True), "the mark goes with its cause")
     panel.prompt.setPlainText("a cat")
     cat = next(r for r in panel.rows.values() if r.info.name == "cat")
     cat.text.setText("a ginger cat")
