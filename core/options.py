@@ -16,6 +16,8 @@ from .collage import Collage
 from .control import CannyDetector, controlnet_hook, load_controlnet, missing_controlnet_warning
 from .demo_model import DEMO_MODEL_ID, DEMO_VERSION
 from .models import ModelLoadError
+from .regional import regional_hook
+from .self_attention import self_attention_hook
 
 
 @dataclass
@@ -24,6 +26,9 @@ class EngineOptions:
 
     attention_schedule: str = "ediffi"  # g(sigma): "ediffi" (log(1+sigma)) or "collage"
     attention_negative_weight: float = 0.0  # pushes a layer's words out of the rest of the image
+    # Spatial modes next to the masked bias (docs/attention.md): 0 turns one off.
+    regional_weight: float = 0.0  # each layer's pixels also read the layer's own text (core/regional.py)
+    self_attention_weight: float = 0.0  # pixels keep to their own layer in self-attention
     controlnet: str | None = None  # hub id, folder or file of a Canny ControlNet for the model
     controlnet_config: str | None = None  # for a single-file ControlNet: its config
     control_scale: float = 1.0
@@ -50,6 +55,15 @@ def build_hooks(
             negative_weight=options.attention_negative_weight,
         )
     ]
+    # After the masked hook: the regional processor wraps the masked one on attn2.
+    if options.regional_weight:
+        hooks.append(partial(regional_hook, weight=options.regional_weight))
+    if options.self_attention_weight:
+        hooks.append(
+            partial(
+                self_attention_hook, weight=options.self_attention_weight, schedule=options.attention_schedule
+            )
+        )
     controlnet = None
     ref = options.controlnet
     family = getattr(model, "family", None)
