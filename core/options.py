@@ -57,7 +57,9 @@ def build_hooks(
     ]
     # After the masked hook: the regional processor wraps the masked one on attn2.
     if options.regional_weight:
-        hooks.append(partial(regional_hook, weight=options.regional_weight))
+        hooks.append(
+            partial(regional_hook, weight=options.regional_weight, schedule=options.attention_schedule)
+        )
     if options.self_attention_weight:
         hooks.append(
             partial(

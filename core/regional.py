@@ -11,8 +11,13 @@ the CFG batch only (the negative prompt stays global):
 with `base` the output of whatever processor was installed before (the masked-attention one when
 that is on, else stock), m_i the layer's visible mask at that level (area-averaged: the visible
 masks and the background's sum to 1) and r_i = regional weight × min(1, the layer's
-`attention_weight`). Where no layer's mask reaches, the output is `base` exactly. All layers'
-contexts go through one batched attention call (a region-major batch), inside the one U-Net pass.
+`attention_weight`). Where no layer's mask reaches, the output is `base` exactly.
+
+attn(q, c_i) carries the paint-with-words bias too, on the layer's own words at the start of c_i
+inside m_i (same weight and schedule as core/attention.py): without it the pixels inside a mask
+lose the push towards their words that `base` had, and on the demo model accuracy fell below
+paint with words alone (docs/attention.md). With `own_bias=False` all layers' contexts go
+through one batched, unbiased attention call (a region-major batch); with it, one call per layer.
 The output projection is affine, so mixing after it equals mixing the attention outputs before it.
 See docs/attention.md for the measurements.
 """
@@ -25,7 +30,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from .attention import MaskedCrossAttention, Schedule
 from .compositing import mask_pyramid, unet_feature_sizes
+from .tokens import token_spans
 
 
 def level_masks(setup, pick: list[int]) -> dict[int, np.ndarray]:
@@ -54,6 +61,7 @@ class RegionalConditioning:
         *,
         layers: list[int],
         cfg: bool,
+        own_bias: list[MaskedCrossAttention] | None = None,
         device: torch.device | str = "cpu",
     ):
         if not (len(contexts) == len(weights) == len(layers)) or not contexts:
@@ -70,6 +78,7 @@ class RegionalConditioning:
         }
         self._same_length = len({c.shape[1] for c in self.contexts}) == 1
         self._stacked = torch.cat(self.contexts) if self._same_length else None
+        self.own_bias = own_bias  # per layer: the masked bias on its own words in its own context
 
     @contextlib.contextmanager
     def installed(self, unet) -> Iterator[RegionalConditioning]:
@@ -89,14 +98,17 @@ class RegionalConditioning:
                 module.set_processor(processor)
 
     def on_step(self, step) -> None:
-        pass
+        for hook in self.own_bias or ():
+            hook.on_step(step)
 
     def masks_for(self, seq_len: int, dtype: torch.dtype) -> torch.Tensor | None:
         found = self._masks.get(seq_len)
         return None if found is None else found.to(dtype)
 
 
-def regional_hook(setup, weight: float = 1.0) -> RegionalConditioning | None:
+def regional_hook(
+    setup, weight: float = 1.0, schedule: str | Schedule = "ediffi", own_bias: bool = True
+) -> RegionalConditioning | None:
     """Build the regional-conditioning hook for one generation (a `core.generate` hook builder).
 
     Every visible layer with words and an `attention_weight` > 0 takes part. Returns None when
@@ -112,19 +124,33 @@ def regional_hook(setup, weight: float = 1.0) -> RegionalConditioning | None:
         return None
     pipe, collage = model.pipeline, setup.collage
     size = (collage.height, collage.width)
-    contexts = [
-        model.family.encode_prompt(
-            pipe, region_prompt(flat.layers[i].text, collage.prompt), None, model.device, False, size
-        ).cond
-        for i in pick
-    ]
+    prompts = [region_prompt(flat.layers[i].text, collage.prompt) for i in pick]
+    contexts = [model.family.encode_prompt(pipe, p, None, model.device, False, size).cond for p in prompts]
     weights = [weight * min(1.0, float(flat.layers[i].attention_weight)) for i in pick]
+    masks = level_masks(setup, pick)
+    biases = None
+    if own_bias:
+        biases = []
+        for k, (i, p) in enumerate(zip(pick, prompts, strict=True)):
+            span = token_spans(pipe.tokenizer, p, [flat.layers[i].text]).spans[0]  # its words, first
+            biases.append(
+                MaskedCrossAttention(
+                    {size_: m[k : k + 1] for size_, m in masks.items()},
+                    [span],
+                    [float(flat.layers[i].attention_weight)],
+                    layers=[i],
+                    cfg=False,  # it only ever sees the conditional rows
+                    schedule=schedule,
+                    device=model.device,
+                )
+            )
     return RegionalConditioning(
         contexts,
-        level_masks(setup, pick),
+        masks,
         weights,
         layers=pick,
         cfg=collage.guidance_scale > 1.0,
+        own_bias=biases,
         device=model.device,
     )
 
@@ -161,7 +187,14 @@ class RegionalAttnProcessor:
         rows = hidden_states[start:]
         n, b = len(hook.contexts), rows.shape[0]
         dtype = encoder_hidden_states.dtype
-        if hook._stacked is not None:  # one attention call, region-major batch (n * b)
+        if hook.own_bias is not None:  # each layer's own words biased inside its mask
+            own = torch.stack(
+                [
+                    bias.processor(attn, rows, c.to(dtype).expand(b, -1, -1), None, temb)
+                    for bias, c in zip(hook.own_bias, hook.contexts, strict=True)
+                ]
+            )
+        elif hook._stacked is not None:  # one attention call, region-major batch (n * b)
             context = hook._stacked.to(dtype).repeat_interleave(b, 0)
             own = self._plain(attn, rows.repeat(n, 1, 1), context, None, temb).view(n, b, seq_len, -1)
         else:  # contexts of different lengths (long prompts): one call per layer

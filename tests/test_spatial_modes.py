@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from core.attention import g_ediffi
+from core.attention import MaskedCrossAttention, g_ediffi
 from core.generate import StepContext, generate
 from core.options import EngineOptions, build_hooks
 from core.regional import RegionalConditioning, region_prompt, regional_hook
@@ -29,8 +29,19 @@ def _masks(side: int, n: int, seed: int) -> np.ndarray:
 # --- regional conditioning at attention level ---
 
 
-@pytest.mark.parametrize("cfg", [True, False])
-def test_regional_output_is_the_mask_weighted_mix_and_plain_outside_the_masks(cfg):
+def _own_bias(masks, p, spans, weights, sigma):
+    """Per layer, paint with words on its own words inside its own mask (what regional_hook builds)."""
+    hooks = [
+        MaskedCrossAttention({p: masks[i : i + 1]}, [spans[i]], [weights[i]], layers=[i], cfg=False)
+        for i in range(len(spans))
+    ]
+    for hook in hooks:
+        hook.on_step(StepContext(0, torch.tensor(600), sigma))
+    return hooks
+
+
+@pytest.mark.parametrize("cfg, own_bias", [(True, False), (False, False), (True, True)])
+def test_regional_output_is_the_mask_weighted_mix_and_plain_outside_the_masks(cfg, own_bias):
     torch.manual_seed(0)
     attn = Attention(32, cross_attention_dim=24, heads=4, dim_head=8).eval()
     side, batch = 6, 4
@@ -39,7 +50,9 @@ def test_regional_output_is_the_mask_weighted_mix_and_plain_outside_the_masks(cf
     contexts = [torch.randn(1, 77, 24) * 3.0 for _ in range(2)]
     masks, weights = _masks(side, 2, 0), [1.0, 0.6]
     stock = AttnProcessor2_0()
-    hook = RegionalConditioning(contexts, {p: masks}, weights, layers=[0, 1], cfg=cfg)
+    spans = [[1, 2], [1]]
+    biases = _own_bias(masks, p, spans, [1.0, 3.0], 5.0) if own_bias else None
+    hook = RegionalConditioning(contexts, {p: masks}, weights, layers=[0, 1], cfg=cfg, own_bias=biases)
     with hook.installed(_OneModule(attn)):
         proc = attn.processor
         with torch.no_grad():
@@ -49,6 +62,15 @@ def test_regional_output_is_the_mask_weighted_mix_and_plain_outside_the_masks(cf
         base = stock(attn, x, enc)
         start = batch // 2 if cfg else 0
         own = [stock(attn, x[start:], c.expand(batch - start, -1, -1)) for c in contexts]
+        if own_bias:  # written out with fresh hooks: the words biased inside their mask
+            fresh = _own_bias(masks, p, spans, [1.0, 3.0], 5.0)
+            biased = [
+                h.processor(attn, x[start:], c.expand(batch - start, -1, -1))
+                for h, c in zip(fresh, contexts, strict=True)
+            ]
+            for o, bo, m in zip(own, biased, masks, strict=True):
+                assert not torch.allclose(o[:, m > 0], bo[:, m > 0], atol=1e-3)  # the bias acts
+            own = biased
     expected = base.clone()
     for i, o in enumerate(own):
         m = torch.as_tensor(masks[i] * weights[i])[None, :, None]
