@@ -5,7 +5,7 @@
 
 Same model, size, steps, strength and prompt, one image, guidance on, a 4-layer collage: stock
 `StableDiffusionImg2ImgPipeline` (or SDXL's), `generate` with masked attention (the default
-pieces), with regional conditioning added, with self-attention modulation added, and with both.
+pieces without the spatial modes), with regional conditioning added, with self-attention modulation added, and with both.
 Repeats interleaved (benchmarks/bench_generate.py `interleaved`), medians compared as ratios to
 stock in the same run (the masked-attention goal is <= 1.05; docs/attention.md).
 """
@@ -34,10 +34,10 @@ from core.generate import generate
 from core.options import EngineOptions, build_hooks
 
 MODES = {
-    "masked": EngineOptions(),
-    "+ regional": EngineOptions(regional_weight=1.0),
-    "+ self-attention": EngineOptions(self_attention_weight=1.0),
-    "+ regional + self-attention": EngineOptions(regional_weight=1.0, self_attention_weight=1.0),
+    "masked": EngineOptions(regional_weight=0.0, self_attention_weight=0.0),
+    "+ regional": EngineOptions(regional_weight=1.0, self_attention_weight=0.0),
+    "+ self-attention sw=2": EngineOptions(regional_weight=0.0, self_attention_weight=2.0),
+    "+ regional + self-attention": EngineOptions(regional_weight=1.0, self_attention_weight=2.0),
 }
 
 

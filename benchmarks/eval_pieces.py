@@ -284,15 +284,17 @@ def configured(case: Case, **settings) -> Collage:
     return replace(case.collage, layers=layers, **fields)
 
 
+OFF = dict(regional_weight=0.0, self_attention_weight=0.0)
 SPATIAL_SETTINGS: list[tuple[str, float, EngineOptions]] = [
     # (label, every layer's attention_weight, engine options): docs/attention.md has the table.
-    ("baseline SDEdit", 0.0, EngineOptions()),
-    ("+ masked attention", 1.0, EngineOptions()),
-    ("+ masked attention w=2", 2.0, EngineOptions()),
-    ("+ regional", 1.0, EngineOptions(regional_weight=1.0)),
-    ("+ self-attention", 1.0, EngineOptions(self_attention_weight=1.0)),
-    ("+ self-attention sw=2", 1.0, EngineOptions(self_attention_weight=2.0)),
-    ("+ regional + self-attention", 1.0, EngineOptions(regional_weight=1.0, self_attention_weight=1.0)),
+    ("baseline SDEdit", 0.0, EngineOptions(**OFF)),
+    ("+ masked attention", 1.0, EngineOptions(**OFF)),
+    ("+ masked attention w=2", 2.0, EngineOptions(**OFF)),
+    ("+ self-attention sw=2 (default)", 1.0, EngineOptions(**OFF | {"self_attention_weight": 2.0})),
+    ("+ self-attention sw=2, w=2", 2.0, EngineOptions(**OFF | {"self_attention_weight": 2.0})),
+    ("+ regional", 1.0, EngineOptions(**OFF | {"regional_weight": 1.0})),
+    ("+ regional + self-attention sw=2", 1.0, EngineOptions(regional_weight=1.0, self_attention_weight=2.0)),
+    ("+ self-attention sw=4, w=4", 4.0, EngineOptions(**OFF | {"self_attention_weight": 4.0})),
 ]
 
 

@@ -26,9 +26,10 @@ class EngineOptions:
 
     attention_schedule: str = "ediffi"  # g(sigma): "ediffi" (log(1+sigma)) or "collage"
     attention_negative_weight: float = 0.0  # pushes a layer's words out of the rest of the image
-    # Spatial modes next to the masked bias (docs/attention.md): 0 turns one off.
+    # Spatial modes next to the masked bias, for layers with an attention_weight > 0; 0 turns one
+    # off. Defaults chosen by measurement (docs/attention.md, "Spatial modes").
     regional_weight: float = 0.0  # each layer's pixels also read the layer's own text (core/regional.py)
-    self_attention_weight: float = 0.0  # pixels keep to their own layer in self-attention
+    self_attention_weight: float = 2.0  # pixels keep to their own layer (core/self_attention.py)
     controlnet: str | None = None  # hub id, folder or file of a Canny ControlNet for the model
     controlnet_config: str | None = None  # for a single-file ControlNet: its config
     control_scale: float = 1.0

@@ -11,7 +11,8 @@ with s_k the segments (the steered layers' visible masks and the rest of the ima
 area-averaged to the level; they sum to 1) and g the masked-attention schedule. Pixel pairs in
 the same segment are pulled together by up to w·g(σ); pairs in different segments lose that
 much relative to them (softmax ignores a constant per row, so "+w same, -w across" is this bias
-shifted by a constant). The (P, P) bias is built once per level and scaled once per step.
+shifted by a constant). The (P, P) bias is built once per level and scaled once per step; the unconditional rows run
+without it (a separate SDPA call, so they keep the kernels that take no mask).
 """
 
 from __future__ import annotations
@@ -74,20 +75,23 @@ class SelfAttentionModulation:
         self._g = float(self.schedule(float(step.sigma)))
         self._serial += 1
 
-    def bias(self, seq_len: int, batch: int, dtype: torch.dtype, device) -> torch.Tensor | None:
-        """(batch, 1, P, P): this step's bias on the conditional rows, 0 on the others."""
+    def bias(self, seq_len: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+        """(1, 1, P, P): this step's bias for the conditional rows (None: not a known level).
+
+        One (P, P) matrix broadcast over batch and heads: its memory does not grow with variants.
+        """
         affinity = self._affinity.get(seq_len)
         if affinity is None:
             return None
-        key = (seq_len, batch, dtype)
+        key = (seq_len, dtype, str(device))
         found = self._cache.get(key)
         if found is None or found[0] != self._serial:
-            start = batch // 2 if self.cfg and batch % 2 == 0 else 0  # generate puts uncond first
-            bias = torch.zeros(batch, 1, seq_len, seq_len, device=device, dtype=dtype)
-            bias[start:] = (affinity.to(device) * (self.weight * self._g)).to(dtype)
-            found = (self._serial, bias)
+            found = (self._serial, (affinity.to(device) * (self.weight * self._g)).to(dtype)[None, None])
             self._cache[key] = found
         return found[1]
+
+    def conditional_start(self, batch: int) -> int:
+        return batch // 2 if self.cfg and batch % 2 == 0 else 0  # generate puts uncond first
 
 
 def self_attention_hook(
@@ -135,8 +139,7 @@ class SelfAttnModulationProcessor:
         plain = (encoder_hidden_states is not None, attention_mask is not None, hidden_states.ndim != 3)
         bias = None
         if not any(plain):
-            batch, seq_len, _ = hidden_states.shape
-            bias = self.hook.bias(seq_len, batch, hidden_states.dtype, hidden_states.device)
+            bias = self.hook.bias(hidden_states.shape[1], hidden_states.dtype, hidden_states.device)
         if bias is None:
             return self._plain(
                 attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
@@ -156,7 +159,12 @@ class SelfAttnModulationProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+        # The unconditional rows without a mask (SDPA's fastest kernel), the conditional ones with it.
+        start = self.hook.conditional_start(batch)
+        out = F.scaled_dot_product_attention(query[start:], key[start:], value[start:], attn_mask=bias)
+        if start:
+            plain = F.scaled_dot_product_attention(query[:start], key[:start], value[:start])
+            out = torch.cat([plain, out])
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
