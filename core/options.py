@@ -1,6 +1,8 @@
 """Which Collage Diffusion pieces run, and how: one place for the CLI and the bridge.
 
-Masked attention (§1) runs for every layer with an `attention_weight` > 0; appearance tokens (§2)
+Masked attention (§1) runs for every layer with an `attention_weight` > 0, and for the same
+layers self-attention modulation (on by default) and regional conditioning (off by default) when
+their weights are > 0 (docs/attention.md, "Spatial modes"); appearance tokens (§2)
 for every layer with `appearance` on (inside `generate`); per-layer strength (§4) always;
 ControlNet (§3) when a ControlNet was configured (the demo model brings its own) and a layer has a
 `control_weight` > 0.
