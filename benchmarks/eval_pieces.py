@@ -66,6 +66,7 @@ from training.data import (
 
 SIZE = 64
 HELD_OUT_SEED = 987654321  # training uses its own seed (20240521); these collages are never seen
+SPATIAL_EXTRA_SEEDS = (4242, 777)  # the spatial measure also draws these (issue 18: one draw misleads)
 
 
 Row = tuple[str, str, str, float, float]  # measure, setting, shown value, value, seconds per image
@@ -287,26 +288,53 @@ def configured(case: Case, **settings) -> Collage:
     return replace(case.collage, layers=layers, **fields)
 
 
+OFF = dict(regional_weight=0.0, self_attention_weight=0.0)
+SPATIAL_SETTINGS: list[tuple[str, float, EngineOptions]] = [
+    # (label, every layer's attention_weight, engine options): docs/attention.md has the table.
+    ("baseline SDEdit", 0.0, EngineOptions(**OFF)),
+    ("+ masked attention", 1.0, EngineOptions(**OFF)),
+    ("+ masked attention w=2", 2.0, EngineOptions(**OFF)),
+    ("+ self-attention sw=2 (default)", 1.0, EngineOptions(**OFF | {"self_attention_weight": 2.0})),
+    ("+ self-attention sw=2, w=2", 2.0, EngineOptions(**OFF | {"self_attention_weight": 2.0})),
+    ("+ regional", 1.0, EngineOptions(**OFF | {"regional_weight": 1.0})),
+    ("+ regional + self-attention sw=2", 1.0, EngineOptions(regional_weight=1.0, self_attention_weight=2.0)),
+    ("+ self-attention sw=4, w=4", 4.0, EngineOptions(**OFF | {"self_attention_weight": 4.0})),
+]
+
+
+def spatial_seeds(args) -> list[int]:
+    """The held-out draws of the spatial measure: `--seed` first, then `--spatial-seeds`."""
+    extra = [int(s) for s in str(args.spatial_seeds or "").split(",") if s.strip()]
+    return [args.seed] + [s for s in extra if s != args.seed]
+
+
 def eval_spatial(model, args, gallery: Gallery, common: dict) -> list[Row]:
-    """§1: spatial accuracy at strength 1, masked attention off and on."""
+    """§1: spatial accuracy at strength 1 per spatial mode: mean over several held-out draws ± spread.
+
+    No single draw decides: each row's value is the mean over the seeds' accuracies, the spread
+    their standard deviation, and each seed's accuracy is shown too.
+    """
     rows: list[Row] = []
-    # §1 spatial accuracy: strength 1, attention off vs on.
-    cases = make_cases(args.n, args.seed, "layout")
-    for k, case in enumerate(cases):
+    seeds = spatial_seeds(args)
+    draws = {seed: make_cases(args.n, seed, "layout") for seed in seeds}
+    for k, case in enumerate(draws[seeds[0]]):
         gallery.add("spatial (strength 1)", "collage", k, _composite(case))
-    for label, weight in (
-        ("baseline SDEdit", 0.0),
-        ("+ masked attention", 1.0),
-        ("+ masked attention w=2", 2.0),
-    ):
-        hits, secs = [], []
-        for k, case in enumerate(cases):
-            c = configured(case, strength=1.0, layer={"attention_weight": weight}, **common)
-            img, dt = run(model, c)
-            secs.append(dt)
-            gallery.add("spatial (strength 1)", label, k, img)
-            hits += [placed(img, o, m) for o, m in zip(case.objects, case.visible, strict=True)]
-        rows.append(("spatial acc. (s=1) ↑", label, f"{np.mean(hits):.2f}", np.mean(hits), np.mean(secs)))
+    chosen = [s for s in SPATIAL_SETTINGS if not args.spatial_modes or s[0] in args.spatial_modes]
+    for label, weight, options in chosen:
+        per_seed, secs = [], []
+        for seed, cases in draws.items():
+            hits = []
+            for k, case in enumerate(cases):
+                c = configured(case, strength=1.0, layer={"attention_weight": weight}, **common)
+                img, dt = run(model, c, options)
+                secs.append(dt)
+                if seed == seeds[0]:
+                    gallery.add("spatial (strength 1)", label, k, img)
+                hits += [placed(img, o, m) for o, m in zip(case.objects, case.visible, strict=True)]
+            per_seed.append(float(np.mean(hits)))
+        mean, spread = float(np.mean(per_seed)), float(np.std(per_seed))
+        text = f"{mean:.2f} ± {spread:.2f} (" + " ".join(f"{a:.2f}" for a in per_seed) + ")"
+        rows.append(("spatial acc. (s=1) ↑", label, text, mean, np.mean(secs)))
     return rows
 
 
@@ -547,6 +575,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--figure", metavar="PNG", help="also save the first collages of each measure as a figure")
     p.add_argument("--figure-rows", type=int, default=3, help="collages per measure in the figure")
     p.add_argument("--seed", type=int, default=HELD_OUT_SEED)
+    p.add_argument(
+        "--spatial-seeds",
+        default=",".join(map(str, SPATIAL_EXTRA_SEEDS)),
+        help="more held-out draws for the spatial measure, comma-separated ('' for --seed alone)",
+    )
+    p.add_argument(
+        "--spatial-mode",
+        dest="spatial_modes",
+        action="append",
+        help="only this spatial setting (its label, e.g. '+ regional'); repeatable; default all",
+    )
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -565,10 +604,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.figure:
         gallery.save(args.figure)
     print(f"model: {args.model}   held-out collages: {args.n} (appearance: {args.n_appearance})")
-    print(f"{'measure':34} {'setting':38} {'value':>20} {'s/image':>8}")
+    if "spatial" in args.measures:
+        print(f"spatial draws (collage seeds): {', '.join(map(str, spatial_seeds(args)))}")
+    print(f"{'measure':34} {'setting':38} {'value':>30} {'s/image':>8}")
     for measure, label, text, _value, secs in rows:
         s = "" if np.isnan(secs) else f"{secs:.2f}"
-        print(f"{measure:34} {label:38} {text:>20} {s:>8}")
+        print(f"{measure:34} {label:38} {text:>30} {s:>8}")
 
 
 if __name__ == "__main__":

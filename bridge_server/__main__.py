@@ -25,6 +25,17 @@ TOKEN_ENV = "COLLAGE_BRIDGE_TOKEN"
 MIB = 1024 * 1024
 
 
+def _non_negative(text: str) -> float:
+    """argparse type of a weight: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     limits = wire.Limits()
     p = argparse.ArgumentParser(
@@ -62,6 +73,17 @@ def parser() -> argparse.ArgumentParser:
         choices=["ediffi", "collage"],
         default="ediffi",
         help="g(sigma) of masked attention",
+    )
+    p.add_argument(
+        "--regional-weight",
+        type=_non_negative,
+        help="regional conditioning: how much each layer's pixels read the layer's own text (0 off;"
+        " default: the engine's, docs/attention.md)",
+    )
+    p.add_argument(
+        "--self-attention-weight",
+        type=_non_negative,
+        help="self-attention modulation inside the layers' masks (0 off; default: the engine's)",
     )
     p.add_argument(
         "--controlnet",
@@ -121,6 +143,15 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
             "attention_schedule": args.attention_schedule,
             "controlnet": args.controlnet,
             "controlnet_config": args.controlnet_config,
+            # The spatial modes' weights, only when given: the engine's defaults otherwise.
+            **{
+                k: v
+                for k, v in (
+                    ("regional_weight", args.regional_weight),
+                    ("self_attention_weight", args.self_attention_weight),
+                )
+                if v is not None
+            },
         },
     )
     if args.data_dir is not None:

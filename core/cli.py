@@ -23,6 +23,17 @@ from .progress import FILL_PHASE
 from .verbosity import DEBUG_ENV, debug_requested, set_verbose
 
 
+def _non_negative(text: str) -> float:
+    """argparse type of a weight: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="collage", description="Collage Diffusion: layers in, one image out."
@@ -114,6 +125,17 @@ def _parser() -> argparse.ArgumentParser:
         choices=["ediffi", "collage"],
         default="ediffi",
         help="g(sigma) of masked attention",
+    )
+    pieces.add_argument(
+        "--regional-weight",
+        type=_non_negative,
+        help="regional conditioning: how much each layer's pixels read the layer's own text (0 off;"
+        " default: the engine's, docs/attention.md)",
+    )
+    pieces.add_argument(
+        "--self-attention-weight",
+        type=_non_negative,
+        help="self-attention modulation inside the layers' masks (0 off; default: the engine's)",
     )
     pieces.add_argument(
         "--controlnet",
@@ -352,6 +374,7 @@ def _generate(args) -> int:
     ref, config = _model_reference(args)
     print(f"loading model {args.model!r}" + (f" ({ref})" if ref != args.model else "") + "…", file=sys.stderr)
     model = load_pipeline(ref, device=args.device, config=args.model_config or config)
+    spatial = {"regional_weight": args.regional_weight, "self_attention_weight": args.self_attention_weight}
     options = EngineOptions(
         attention_schedule=args.attention_schedule,
         controlnet=args.controlnet,
@@ -361,6 +384,7 @@ def _generate(args) -> int:
         control_end=args.control_end,
         canny_low=args.canny_low,
         canny_high=args.canny_high,
+        **{k: v for k, v in spatial.items() if v is not None},
     )
     hooks, warnings = build_hooks(model, collage, options)
     for warning in warnings:

@@ -1,6 +1,8 @@
 """Which Collage Diffusion pieces run, and how: one place for the CLI and the bridge.
 
-Masked attention (§1) runs for every layer with an `attention_weight` > 0; appearance tokens (§2)
+Masked attention (§1) runs for every layer with an `attention_weight` > 0, and for the same
+layers self-attention modulation (on by default) and regional conditioning (off by default) when
+their weights are > 0 (docs/attention.md, "Spatial modes"); appearance tokens (§2)
 for every layer with `appearance` on (inside `generate`); per-layer strength (§4) always;
 ControlNet (§3) when a ControlNet was configured (the demo model brings its own) and a layer has a
 `control_weight` > 0.
@@ -16,6 +18,8 @@ from .collage import Collage
 from .control import CannyDetector, controlnet_hook, load_controlnet, missing_controlnet_warning
 from .demo_model import DEMO_MODEL_ID, DEMO_VERSION
 from .models import ModelLoadError
+from .regional import regional_hook
+from .self_attention import self_attention_hook
 
 
 @dataclass
@@ -24,6 +28,10 @@ class EngineOptions:
 
     attention_schedule: str = "ediffi"  # g(sigma): "ediffi" (log(1+sigma)) or "collage"
     attention_negative_weight: float = 0.0  # pushes a layer's words out of the rest of the image
+    # Spatial modes next to the masked bias, for layers with an attention_weight > 0; 0 turns one
+    # off. Defaults chosen by measurement (docs/attention.md, "Spatial modes").
+    regional_weight: float = 0.0  # each layer's pixels also read the layer's own text (core/regional.py)
+    self_attention_weight: float = 2.0  # pixels keep to their own layer (core/self_attention.py)
     controlnet: str | None = None  # hub id, folder or file of a Canny ControlNet for the model
     controlnet_config: str | None = None  # for a single-file ControlNet: its config
     control_scale: float = 1.0
@@ -50,6 +58,17 @@ def build_hooks(
             negative_weight=options.attention_negative_weight,
         )
     ]
+    # After the masked hook: the regional processor wraps the masked one on attn2.
+    if options.regional_weight:
+        hooks.append(
+            partial(regional_hook, weight=options.regional_weight, schedule=options.attention_schedule)
+        )
+    if options.self_attention_weight:
+        hooks.append(
+            partial(
+                self_attention_hook, weight=options.self_attention_weight, schedule=options.attention_schedule
+            )
+        )
     controlnet = None
     ref = options.controlnet
     family = getattr(model, "family", None)

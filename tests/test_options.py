@@ -34,17 +34,18 @@ def controlled_collage():
 
 def test_demo_model_brings_its_own_controlnet(demo_pipeline):
     hooks, warnings = build_hooks(demo_pipeline, controlled_collage(), EngineOptions())
-    assert len(hooks) == 2 and warnings == []  # masked attention + the demo's edge ControlNet
+    # masked attention, self-attention modulation (on by default) + the demo's edge ControlNet
+    assert len(hooks) == 3 and warnings == []
     plain = controlled_collage()
     plain.layers[1].control_weight = 0.0
     hooks, warnings = build_hooks(demo_pipeline, plain, EngineOptions())
-    assert len(hooks) == 1 and warnings == []  # no layer asks: masked attention only
+    assert len(hooks) == 2 and warnings == []  # no layer asks: the attention pieces only
 
 
 def test_other_models_without_controlnet_warn(demo_pipeline):
     other = replace(demo_pipeline, identity="folder:/my/model")
     hooks, warnings = build_hooks(other, controlled_collage(), EngineOptions())
-    assert len(hooks) == 1
+    assert len(hooks) == 2
     assert any("control" in w.lower() for w in warnings)  # a layer asks for ControlNet, none is loaded
 
 
@@ -52,7 +53,7 @@ def test_controlnet_adds_a_hook(demo_pipeline, controlnet_dir):
     hooks, warnings = build_hooks(
         demo_pipeline, controlled_collage(), EngineOptions(controlnet=str(controlnet_dir))
     )
-    assert len(hooks) == 2 and warnings == []
+    assert len(hooks) == 3 and warnings == []
 
 
 def test_a_controlnet_that_cannot_load_raises_or_warns(demo_pipeline, tmp_path):
@@ -60,7 +61,7 @@ def test_a_controlnet_that_cannot_load_raises_or_warns(demo_pipeline, tmp_path):
     with pytest.raises(ModelLoadError):
         build_hooks(demo_pipeline, controlled_collage(), options)
     hooks, warnings = build_hooks(demo_pipeline, controlled_collage(), options, controlnet_errors="warn")
-    assert len(hooks) == 1 and warnings[0].startswith("generated without ControlNet")
+    assert len(hooks) == 2 and warnings[0].startswith("generated without ControlNet")
 
 
 def test_cli_with_controlnet_and_collage_schedule(demo_model_dir, controlnet_dir, tmp_path):
