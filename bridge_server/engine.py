@@ -13,6 +13,7 @@ import numpy as np
 
 from core.collage import Collage
 from core.generate import GenerationResult
+from core.loras import DEFAULT_CACHE_BYTES, LoraCache
 from core.progress import Progress
 from krita_plugin.collage_diffusion import wire
 
@@ -58,6 +59,7 @@ class Engine:
         device: str | None = None,
         options: dict | None = None,
         resolve: Callable[[str], tuple[str, str | None]] | None = None,
+        lora_cache_bytes: int = DEFAULT_CACHE_BYTES,
     ):
         self.device = device
         # A request's model name -> (reference, config folder) for core; `catalog.ModelCatalog`.
@@ -66,6 +68,9 @@ class Engine:
         self.current = None  # core.models.LoadedModel
         self._peeked: dict[str, tuple] = {}  # ref -> (family, native size) read from its files
         self.current_ref: str | None = None
+        # LoRA files read once and kept while they are reused (--lora-cache-mb); the model itself
+        # is restored after every job.
+        self.lora_cache = LoraCache(lora_cache_bytes)
 
     def load(self, name: str):
         from core.models import load_pipeline
@@ -102,7 +107,9 @@ class Engine:
         # the dock sends those already), scaled back, strength-0 pixels pasted back unchanged.
         canvas = (req.collage.width, req.collage.height)
         size = generation_size(canvas, "document", model.native_size, model.family.size_multiple)
-        with applied_loras(model, req.loras):  # unloaded again after the job, also on error or cancel
+        with applied_loras(
+            model, req.loras, self.lora_cache
+        ):  # unloaded again after the job, also on error or cancel
             result = generate_at_size(
                 model,
                 req.collage,

@@ -80,7 +80,9 @@ class JobManager:
     def __init__(self, config: BridgeConfig, run_job: RunJob | None = None, engine: Engine | None = None):
         self.config = config
         self.catalog = ModelCatalog(config)
-        self.engine = engine or Engine(config.device, config.engine_options, self.catalog.resolve)
+        self.engine = engine or Engine(
+            config.device, config.engine_options, self.catalog.resolve, config.lora_cache_bytes
+        )
         self.run_job: RunJob = run_job or self.engine.run
         self.store = JobStore(config.data_dir)
         self.jobs: dict[str, Job] = {}  # in creation order
