@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.collage import Collage
+from core.collage import Collage, CollageError
 from core.generate import GenerationResult
 from core.loras import DEFAULT_CACHE_BYTES, LoraCache
 from core.progress import Progress
@@ -41,6 +41,27 @@ class RunRequest:
     regenerate_layer: int | None = None
     regenerate_dilation: int = 8
     loras: list = field(default_factory=list)  # core.loras.LoraSpec, checked against the family
+    # The library ControlNet the request named (`core.model_library.LibraryEntry`); None: the
+    # bridge's own (EngineOptions.controlnet, or the demo model's).
+    controlnet: object | None = None
+
+    @classmethod
+    def of(cls, converted, progress: Callable[[Progress], None], cancel: threading.Event, max_batch):
+        """The run of a decoded request (`convert.Converted`)."""
+        return cls(
+            collage=converted.collage,
+            model=converted.model,
+            variants=converted.variants,
+            seeds=converted.seeds,
+            progress=progress,
+            cancel=cancel,
+            max_batch=max_batch,
+            base_image=converted.base_image,
+            regenerate_layer=converted.regenerate_layer,
+            regenerate_dilation=converted.regenerate_dilation,
+            loras=converted.loras,
+            controlnet=converted.controlnet,
+        )
 
 
 #: Runs one job on the GPU thread; returns core's result or raises (GenerationCancelled, ...).
@@ -82,7 +103,6 @@ class Engine:
 
     def run(self, req: RunRequest) -> GenerationResult:
         from core.loras import applied_loras
-        from core.options import EngineOptions, build_hooks
         from core.sizing import generate_at_size, generation_size
 
         if req.model != self.current_ref:
@@ -99,10 +119,7 @@ class Engine:
                 layer_index=req.regenerate_layer,
                 dilation_px=req.regenerate_dilation,
             )
-        # The ControlNet is cached by core and re-checked against this job's model each time.
-        hooks, warnings = build_hooks(
-            model, req.collage, EngineOptions(**self.options), controlnet_errors="warn"
-        )
+        hooks, warnings = self._hooks(model, req)
         # Any canvas size: generated at the nearest multiples of 8 (the CLI's "document" size;
         # the dock sends those already), scaled back, strength-0 pixels pasted back unchanged.
         canvas = (req.collage.width, req.collage.height)
@@ -124,6 +141,23 @@ class Engine:
             )
         result.warnings[:0] = warnings
         return result
+
+    def _hooks(self, model, req: RunRequest) -> tuple[list, list[str]]:
+        """The job's sampler hooks. The ControlNet is cached by core and re-checked against this
+        job's model each time. The bridge's own one that does not fit is a warning (the image is
+        made without it); one the request named fails the job naming `controlnet`, by its name."""
+        from core.models import ModelLoadError
+        from core.options import EngineOptions, build_hooks
+
+        options = EngineOptions(**self.options)
+        if req.controlnet is None:
+            return build_hooks(model, req.collage, options, controlnet_errors="warn")
+        path, name = str(req.controlnet.path), req.controlnet.name
+        options.controlnet, options.controlnet_config = path, None
+        try:
+            return build_hooks(model, req.collage, options)
+        except ModelLoadError as error:  # no path of the server in what the client reads
+            raise CollageError([f"controlnet: {str(error).replace(path, name)}"]) from None
 
     def details(self, ref: str) -> wire.ModelDetails:
         """A model's family and native size: the loaded model's own, else read from its files

@@ -28,7 +28,7 @@ from krita_plugin.collage_diffusion import wire
 
 from .catalog import ModelCatalog
 from .config import BridgeConfig
-from .convert import Converted, RequestProblems, lora_specs, parse_request, to_collage
+from .convert import Converted, RequestProblems, library_choices, parse_request, to_collage
 from .engine import Engine, RunJob, RunRequest
 from .images import encode_png, preview_png
 from .storage import JobStore, StoredJob, new_job_id, select_for_cleanup
@@ -163,9 +163,7 @@ class JobManager:
     def _decode_sync(self, body: bytes) -> Converted:
         request = parse_request(body, self.config, self.catalog)
         converted = to_collage(request, self.config)
-        if request.loras:
-            family = self.catalog.details(converted.model, self.engine).family
-            converted.loras = lora_specs(request, self.catalog, family)
+        library_choices(request, converted, self.catalog, self.engine)
         return converted
 
     async def submit(self, converted: Converted) -> Job:
@@ -318,18 +316,8 @@ class JobManager:
         self._save(job)
         converted = job.converted
         assert converted is not None
-        request = RunRequest(
-            collage=converted.collage,
-            model=converted.model,
-            variants=converted.variants,
-            seeds=converted.seeds,
-            progress=self._progress_reporter(job, loop),
-            cancel=job.cancel,
-            max_batch=self.config.max_batch,
-            base_image=converted.base_image,
-            regenerate_layer=converted.regenerate_layer,
-            regenerate_dilation=converted.regenerate_dilation,
-            loras=converted.loras,
+        request = RunRequest.of(
+            converted, self._progress_reporter(job, loop), job.cancel, self.config.max_batch
         )
         state, message, problems = wire.DONE, "", []
         try:
