@@ -93,6 +93,12 @@ def parser() -> argparse.ArgumentParser:
         "--controlnet-config",
         help="for a single-file ControlNet: its config folder or hub id (full-size SD 1.x/2.x/SDXL ones need none)",
     )
+    p.add_argument(
+        "--lora-cache-mb",
+        type=int,
+        default=1024,
+        help="LoRA files kept in memory between jobs, least recently used dropped first; 0: none (default: %(default)s)",
+    )
     p.add_argument("--max-layers", type=int, default=limits.max_layers)
     p.add_argument("--max-pixels", type=int, default=limits.max_canvas_pixels, help="canvas width × height")
     p.add_argument("--max-request-mb", type=int, default=limits.max_request_bytes // MIB)
@@ -134,6 +140,7 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
         models_dirs=tuple(args.models_dir),
         token=args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None,
         preload=args.preload,
+        lora_cache_bytes=args.lora_cache_mb * MIB,
         device=args.device,
         limits=limits,
         keep_seconds=args.keep_days * 86400,

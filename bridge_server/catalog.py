@@ -93,6 +93,11 @@ class ModelCatalog:
             return None
         return next((e.family for e in self.library.entries(EMBEDDING) if e.name == name), None)
 
+    def find_controlnet(self, name: str) -> LibraryEntry | None:
+        """The usable library ControlNet by this name (rescanning once when it is not listed)."""
+        entry = self.library.find(CONTROLNET, name) if self.library is not None else None
+        return entry if entry is not None and entry.usable else None
+
     def _checkpoints(self) -> list[LibraryEntry]:
         return self.library.entries(CHECKPOINT) if self.library is not None else []
 

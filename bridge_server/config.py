@@ -43,6 +43,7 @@ class BridgeConfig:
     # Settings of the engine's pieces (core.options.EngineOptions fields): attention schedule,
     # ControlNet. Chosen when the bridge starts; requests cannot name files.
     engine_options: dict = field(default_factory=dict)
+    lora_cache_bytes: int = 1024**3  # LoRA files kept in memory between jobs (--lora-cache-mb)
     preload: bool = False  # load the default model at startup instead of on the first job
     device: str | None = None  # None: core picks the best
     limits: wire.Limits = field(default_factory=wire.Limits)
@@ -84,6 +85,8 @@ class BridgeConfig:
         if self.token is not None and not self.token.strip():
             p.append("--token: must not be empty")
         p += [f"--models-dir {d}: not a folder" for d in self.models_dirs if not d.is_dir()]
+        if self.lora_cache_bytes < 0:
+            p.append(f"--lora-cache-mb: must be 0 (no cache) or more, got {self.lora_cache_bytes // 1024**2}")
         if not 0 <= self.port < 65536:
             p.append(f"--port: must be in 0..65535 (0: any free port), got {self.port}")
         return p

@@ -17,6 +17,7 @@ from PIL import Image
 from core.collage import Collage, CollageError, Layer
 from core.embeddings import EmbeddingFiles, find_uses
 from core.loras import LoraSpec
+from core.model_library import LibraryEntry
 from core.sizing import validate_any_size
 from krita_plugin.collage_diffusion import wire
 
@@ -50,6 +51,7 @@ class Converted:
     output: str = wire.OUTPUT_IMAGE  # or wire.OUTPUT_LAYERS: each result also as a layer stack
     embeddings: EmbeddingFiles | None = None  # the library embeddings the texts may name
     regenerate_mask: np.ndarray | None = None  # (H, W) bool: a selection to regenerate
+    controlnet: LibraryEntry | None = None  # the library ControlNet the request named
 
 
 def engine_supports_regenerate() -> bool:
@@ -88,11 +90,26 @@ def model_problems(model: object, config: BridgeConfig, catalog: ModelCatalog) -
     ]
 
 
-def lora_specs(request: wire.JobRequest, catalog: ModelCatalog, model_family: str) -> list[LoraSpec]:
-    """The request's LoRAs as library files, each checked against the job's model family (its id,
-    "" when not known before loading: then only the engine's check at run time applies). Raises
-    `RequestProblems` naming `loras[i]`."""
+def library_choices(request: wire.JobRequest, converted: Converted, catalog: ModelCatalog, engine) -> None:
+    """Fill `converted`'s LoRAs and ControlNet from the request's names, each a library entry
+    checked against the job's model family (when it is known before loading: else only the
+    engine's checks when the job runs). Raises `RequestProblems` naming `loras[i]`, `controlnet`."""
+    if not request.loras and request.controlnet is None:
+        return
+    family = catalog.details(converted.model, engine).family  # the family's id; "" when not known
     problems: list[str] = []
+    converted.loras = lora_specs(request, catalog, family, problems)
+    if request.controlnet is not None:
+        converted.controlnet = controlnet_entry(request.controlnet, catalog, family, problems)
+    if problems:
+        raise RequestProblems(problems)
+
+
+def lora_specs(
+    request: wire.JobRequest, catalog: ModelCatalog, model_family: str, problems: list[str]
+) -> list[LoraSpec]:
+    """The request's LoRAs as library files; a problem naming `loras[i]` for each that is not one
+    or was made for another family than `model_family` (an id)."""
     specs = []
     for i, item in enumerate(request.loras):
         where, name = f"loras[{i}]", item["name"]
@@ -109,8 +126,6 @@ def lora_specs(request: wire.JobRequest, catalog: ModelCatalog, model_family: st
             )
             continue
         specs.append(LoraSpec(entry.path, float(item.get("weight", 1.0)), field=where, name=name))
-    if problems:
-        raise RequestProblems(problems)
     return specs
 
 
@@ -150,6 +165,26 @@ def embedding_files(request: wire.JobRequest, catalog: ModelCatalog, model_famil
     if problems:
         raise RequestProblems(problems)
     return files
+
+
+def controlnet_entry(
+    name: str, catalog: ModelCatalog, model_family: str, problems: list[str]
+) -> LibraryEntry | None:
+    """The library ControlNet by this name; a problem naming `controlnet` when there is none or it
+    was made for another family than `model_family` (an id)."""
+    entry = catalog.find_controlnet(name)
+    if entry is None:
+        problems.append(
+            f"controlnet: {name!r} is not a ControlNet of this bridge's model folders (see /info's controlnets)"
+        )
+        return None
+    if entry.family is not None and model_family and entry.family.id != model_family:
+        problems.append(
+            f"controlnet: ControlNet {name!r} was made for {entry.family.label}, not for the model of this"
+            f" job ({model_family})"
+        )
+        return None
+    return entry
 
 
 def to_collage(request: wire.JobRequest, config: BridgeConfig) -> Converted:

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.collage import Collage
+from core.collage import Collage, CollageError
 from core.generate import GenerationResult
+from core.loras import DEFAULT_CACHE_BYTES, LoraCache
 from core.progress import Progress
 from krita_plugin.collage_diffusion import wire
 
@@ -43,6 +44,30 @@ class RunRequest:
     loras: list = field(default_factory=list)  # core.loras.LoraSpec, checked against the family
     output: str = wire.OUTPUT_IMAGE  # OUTPUT_LAYERS: a `core.layer_stack.StackedResult` comes back
     embeddings: object = None  # core.embeddings.EmbeddingFiles the texts may name
+    # The library ControlNet the request named (`core.model_library.LibraryEntry`); None: the
+    # bridge's own (EngineOptions.controlnet, or the demo model's).
+    controlnet: object | None = None
+
+    @classmethod
+    def of(cls, converted, progress: Callable[[Progress], None], cancel: threading.Event, max_batch):
+        """The run of a decoded request (`convert.Converted`)."""
+        return cls(
+            collage=converted.collage,
+            model=converted.model,
+            variants=converted.variants,
+            seeds=converted.seeds,
+            progress=progress,
+            cancel=cancel,
+            max_batch=max_batch,
+            base_image=converted.base_image,
+            regenerate_layer=converted.regenerate_layer,
+            regenerate_dilation=converted.regenerate_dilation,
+            regenerate_mask=converted.regenerate_mask,
+            loras=converted.loras,
+            output=converted.output,
+            embeddings=converted.embeddings,
+            controlnet=converted.controlnet,
+        )
 
 
 #: Runs one job on the GPU thread; returns core's result or raises (GenerationCancelled, ...).
@@ -61,6 +86,7 @@ class Engine:
         device: str | None = None,
         options: dict | None = None,
         resolve: Callable[[str], tuple[str, str | None]] | None = None,
+        lora_cache_bytes: int = DEFAULT_CACHE_BYTES,
     ):
         self.device = device
         # A request's model name -> (reference, config folder) for core; `catalog.ModelCatalog`.
@@ -69,6 +95,9 @@ class Engine:
         self.current = None  # core.models.LoadedModel
         self._peeked: dict[str, tuple] = {}  # ref -> (family, native size) read from its files
         self.current_ref: str | None = None
+        # LoRA files read once and kept while they are reused (--lora-cache-mb); the model itself
+        # is restored after every job.
+        self.lora_cache = LoraCache(lora_cache_bytes)
 
     def load(self, name: str):
         from core.models import load_pipeline
@@ -80,7 +109,6 @@ class Engine:
 
     def run(self, req: RunRequest) -> GenerationResult:
         from core.loras import applied_loras
-        from core.options import EngineOptions, build_hooks
         from core.sizing import generate_at_size, generation_size
 
         if req.model != self.current_ref:
@@ -98,15 +126,14 @@ class Engine:
                 dilation_px=req.regenerate_dilation,
                 mask=req.regenerate_mask,
             )
-        # The ControlNet is cached by core and re-checked against this job's model each time.
-        hooks, warnings = build_hooks(
-            model, req.collage, EngineOptions(**self.options), controlnet_errors="warn"
-        )
+        hooks, warnings = self._hooks(model, req)
         # Any canvas size: generated at the nearest multiples of 8 (the CLI's "document" size;
         # the dock sends those already), scaled back, strength-0 pixels pasted back unchanged.
         canvas = (req.collage.width, req.collage.height)
         size = generation_size(canvas, "document", model.native_size, model.family.size_multiple)
-        with applied_loras(model, req.loras):  # unloaded again after the job, also on error or cancel
+        with applied_loras(
+            model, req.loras, self.lora_cache
+        ):  # unloaded again after the job, also on error or cancel
             result = generate_at_size(
                 model,
                 req.collage,
@@ -134,6 +161,23 @@ class Engine:
                 )
         result.warnings[:0] = warnings
         return result
+
+    def _hooks(self, model, req: RunRequest) -> tuple[list, list[str]]:
+        """The job's sampler hooks. The ControlNet is cached by core and re-checked against this
+        job's model each time. The bridge's own one that does not fit is a warning (the image is
+        made without it); one the request named fails the job naming `controlnet`, by its name."""
+        from core.models import ModelLoadError
+        from core.options import EngineOptions, build_hooks
+
+        options = EngineOptions(**self.options)
+        if req.controlnet is None:
+            return build_hooks(model, req.collage, options, controlnet_errors="warn")
+        path, name = str(req.controlnet.path), req.controlnet.name
+        options.controlnet, options.controlnet_config = path, None
+        try:
+            return build_hooks(model, req.collage, options)
+        except ModelLoadError as error:  # no path of the server in what the client reads
+            raise CollageError([f"controlnet: {str(error).replace(path, name)}"]) from None
 
     def details(self, ref: str) -> wire.ModelDetails:
         """A model's family and native size: the loaded model's own, else read from its files

@@ -28,7 +28,7 @@ from krita_plugin.collage_diffusion import wire
 
 from .catalog import ModelCatalog
 from .config import BridgeConfig
-from .convert import Converted, RequestProblems, embedding_files, lora_specs, parse_request, to_collage
+from .convert import Converted, RequestProblems, embedding_files, library_choices, parse_request, to_collage
 from .engine import Engine, RunJob, RunRequest
 from .images import encode_png, preview_png
 from .storage import JobStore, StoredJob, new_job_id, select_for_cleanup
@@ -80,7 +80,9 @@ class JobManager:
     def __init__(self, config: BridgeConfig, run_job: RunJob | None = None, engine: Engine | None = None):
         self.config = config
         self.catalog = ModelCatalog(config)
-        self.engine = engine or Engine(config.device, config.engine_options, self.catalog.resolve)
+        self.engine = engine or Engine(
+            config.device, config.engine_options, self.catalog.resolve, config.lora_cache_bytes
+        )
         self.run_job: RunJob = run_job or self.engine.run
         self.store = JobStore(config.data_dir)
         self.jobs: dict[str, Job] = {}  # in creation order
@@ -161,9 +163,7 @@ class JobManager:
     def _decode_sync(self, body: bytes) -> Converted:
         request = parse_request(body, self.config, self.catalog)
         converted = to_collage(request, self.config)
-        if request.loras:
-            family = self.catalog.details(converted.model, self.engine).family
-            converted.loras = lora_specs(request, self.catalog, family)
+        library_choices(request, converted, self.catalog, self.engine)
         converted.embeddings = embedding_files(
             request, self.catalog, lambda: self.catalog.details(converted.model, self.engine).family
         )
@@ -319,21 +319,8 @@ class JobManager:
         self._save(job)
         converted = job.converted
         assert converted is not None
-        request = RunRequest(
-            collage=converted.collage,
-            model=converted.model,
-            variants=converted.variants,
-            seeds=converted.seeds,
-            progress=self._progress_reporter(job, loop),
-            cancel=job.cancel,
-            max_batch=self.config.max_batch,
-            base_image=converted.base_image,
-            regenerate_layer=converted.regenerate_layer,
-            regenerate_dilation=converted.regenerate_dilation,
-            regenerate_mask=converted.regenerate_mask,
-            loras=converted.loras,
-            output=converted.output,
-            embeddings=converted.embeddings,
+        request = RunRequest.of(
+            converted, self._progress_reporter(job, loop), job.cancel, self.config.max_batch
         )
         state, message, problems = wire.DONE, "", []
         try:

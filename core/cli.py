@@ -139,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     pieces.add_argument(
         "--controlnet",
-        help="a Canny ControlNet for the model: hub id, folder or file (the demo model brings its own)",
+        help="a Canny ControlNet for the model: hub id, folder or file, or its name in --models-dir "
+        "(the demo model brings its own)",
     )
     pieces.add_argument(
         "--controlnet-config",
@@ -266,6 +267,21 @@ def _model_reference(args) -> tuple[str, Path | None]:
     return ref, config
 
 
+def _controlnet_reference(args) -> str | None:
+    """--controlnet as core loads it: a ControlNet of --models-dir by its name becomes its path;
+    "demo", an existing file or folder, or a hub id stay what they are."""
+    ref = args.controlnet
+    if not ref or not args.models_dir or Path(ref).expanduser().exists():
+        return ref
+    from .model_library import ModelLibrary
+    from .weight_files import CONTROLNET
+
+    entry = ModelLibrary(args.models_dir).find(CONTROLNET, ref)
+    if entry is not None and not entry.usable:
+        raise CollageError([f"--controlnet {ref}: {entry.error}"])
+    return str(entry.path) if entry is not None else ref
+
+
 def _lora_specs(args) -> list:
     """--lora FILE_OR_NAME[:WEIGHT] options as `core.loras.LoraSpec`s: a file, else a LoRA of
     --models-dir by its name. Raises `CollageError` naming the option."""
@@ -377,7 +393,7 @@ def _generate(args) -> int:
     spatial = {"regional_weight": args.regional_weight, "self_attention_weight": args.self_attention_weight}
     options = EngineOptions(
         attention_schedule=args.attention_schedule,
-        controlnet=args.controlnet,
+        controlnet=_controlnet_reference(args),
         controlnet_config=args.controlnet_config,
         control_scale=args.control_scale,
         control_start=args.control_start,

@@ -189,6 +189,7 @@ async def test_the_bridge_applies_library_loras_by_name(
     from bridge_server import testing as T
     from bridge_server.app import create_app
     from bridge_server.config import BridgeConfig
+    from bridge_server.keys import MANAGER
 
     loras = tmp_path / "models" / "loras"
     loras.mkdir(parents=True)
@@ -218,6 +219,11 @@ async def test_the_bridge_applies_library_loras_by_name(
     inked = await _run_png(client, T.small_request(steps=3, loras=[{"name": "demo-ink.safetensors"}]))
     assert inked != plain
     assert await _run_png(client, T.small_request(steps=3)) == plain  # unloaded after the job
+    # Used again: its file comes from the engine's cache, with the same result.
+    cache = client.app[MANAGER].engine.lora_cache
+    assert (cache.misses, cache.hits) == (1, 0) and cache.max_bytes == config.lora_cache_bytes
+    assert await _run_png(client, T.small_request(steps=3, loras=[{"name": "demo-ink.safetensors"}])) == inked
+    assert (cache.misses, cache.hits) == (1, 1)
 
 
 def test_cli_lora_by_file_and_by_name_with_weight(demo_pipeline, demo_loras, library_files, tmp_path, capsys):

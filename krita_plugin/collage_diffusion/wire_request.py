@@ -85,6 +85,9 @@ class JobRequest:
     # LoRAs for this job: [{"name": a LoRA listed in InfoResponse.loras, "weight": -4..4 (default 1)}]
     loras: list[dict] = field(default_factory=list)
     output: str = "image"  # "image", or "layers": each result also as a layer stack (wire.OUTPUTS)
+    # The ControlNet for this job: a name listed in InfoResponse.controlnets; None = the bridge's own
+    # (its --controlnet, or the demo model's).
+    controlnet: str | None = None
     api_version: int = API_VERSION
 
     # -- JSON -------------------------------------------------------------------------------
@@ -191,6 +194,12 @@ class JobRequest:
             p.append(f"scheduler: must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
             p.append(f"model: must be a model name or null, got {self.model!r}")
+        if self.controlnet is not None and (
+            not isinstance(self.controlnet, str) or not self.controlnet.strip()
+        ):
+            p.append(
+                f"controlnet: must be the name of a ControlNet listed in /info or null, got {self.controlnet!r}"
+            )
         if (
             not isinstance(self.background, list)
             or len(self.background) != 3
