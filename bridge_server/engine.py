@@ -131,9 +131,8 @@ class Engine:
         # the dock sends those already), scaled back, strength-0 pixels pasted back unchanged.
         canvas = (req.collage.width, req.collage.height)
         size = generation_size(canvas, "document", model.native_size, model.family.size_multiple)
-        with applied_loras(
-            model, req.loras, self.lora_cache
-        ):  # unloaded again after the job, also on error or cancel
+        # The LoRAs are unloaded again after the job, also on error or cancel.
+        with applied_loras(model, req.loras, self.lora_cache):
             result = generate_at_size(
                 model,
                 req.collage,

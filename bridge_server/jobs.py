@@ -19,8 +19,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from core.collage import CollageError
 from core.generate import GenerationResult
 from core.progress import GenerationCancelled, Progress
@@ -30,7 +28,8 @@ from .catalog import ModelCatalog
 from .config import BridgeConfig
 from .convert import Converted, RequestProblems, embedding_files, library_choices, parse_request, to_collage
 from .engine import Engine, RunJob, RunRequest
-from .images import encode_png, preview_png
+from .images import preview_png
+from .results import save_results
 from .storage import JobStore, StoredJob, new_job_id, select_for_cleanup
 
 log = logging.getLogger(__name__)
@@ -398,51 +397,7 @@ class JobManager:
         )
 
     def _save_results(self, job: Job, result: GenerationResult) -> list[wire.ResultInfo]:
-        level = self.config.result_png_level
-        images = [np.ascontiguousarray(generated.image) for generated in result.images]
-        encoded = list(self._encode.map(lambda image: encode_png(image, level), images))
-        infos = []
-        for index, (generated, image, data) in enumerate(zip(result.images, images, encoded, strict=True)):
-            self.store.write_result(job.id, index, data)
-            infos.append(
-                wire.ResultInfo(
-                    index=index,
-                    seed=int(generated.seed),
-                    width=int(image.shape[1]),
-                    height=int(image.shape[0]),
-                    url=wire.route(wire.ROUTE_JOB_RESULT, job_id=job.id, index=index),
-                    bytes=len(data),
-                    layers=self._save_stack(job, index, result, level),
-                )
-            )
-        return infos
-
-    def _save_stack(
-        self, job: Job, index: int, result: GenerationResult, level: int
-    ) -> list[wire.ResultLayerInfo]:
-        """The layers of result `index`'s stack (output "layers"), each a PNG; none otherwise.
-        The stack's hidden flat layer is the result PNG itself and is not stored twice."""
-        stacks = getattr(result, "stacks", None) or []
-        if index >= len(stacks):
-            return []
-        layers = [layer for layer in stacks[index].layers if layer.kind != "flat"]
-        encoded = list(self._encode.map(lambda layer: encode_png(layer.image, level), layers))
-        infos = []
-        for k, (layer, data) in enumerate(zip(layers, encoded, strict=True)):
-            self.store.write_result_layer(job.id, index, k, data)
-            infos.append(
-                wire.ResultLayerInfo(
-                    name=layer.name,
-                    kind=layer.kind,
-                    x=int(layer.offset[0]),
-                    y=int(layer.offset[1]),
-                    width=int(layer.image.shape[1]),
-                    height=int(layer.image.shape[0]),
-                    url=wire.route(wire.ROUTE_JOB_RESULT_LAYER, job_id=job.id, index=index, layer=k),
-                    bytes=len(data),
-                )
-            )
-        return infos
+        return save_results(self.store, self._encode, job.id, result, self.config.result_png_level)
 
     @staticmethod
     def _cancel_message(job: Job) -> str:
