@@ -10,7 +10,7 @@ machinery; `CollageDock` puts it into a Krita docker.
 
 from __future__ import annotations
 
-from . import actions, document, qt
+from . import actions, document, preview_layer, qt
 from .bridge_process import make_local_bridge
 from .collage import NodeInfo, layer_marks
 from .dock_models import ModelSection
@@ -171,6 +171,8 @@ class CollagePanel(W.QWidget):
         self.doc = doc
         self.doc_key = document.document_key(doc) if doc is not None else ""
         self.settings = document.load_settings(doc) if doc is not None else DocumentSettings()
+        if doc is not None and not self.model.busy:  # a preview layer saved into the file mid-job
+            preview_layer.remove_stale(doc, self.settings.results_group)
         self._snapshot = self.settings.to_json()
         self._dirty = False
         self._listed = []

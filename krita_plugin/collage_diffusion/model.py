@@ -6,10 +6,11 @@ through signals; tests wait with ``model.wait_idle()`` (which runs Qt's event lo
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 
-from . import choices, collage, document, messages, qt, results, results_stack, wire
+from . import choices, collage, document, messages, preview_layer, qt, results, results_stack, wire
 from .client import BridgeClient, Call, JobFollower
 
 # Connection states.
@@ -88,6 +89,8 @@ class CollageModel(qt.QObject):
         self._pending_doc = None
         self._plan: collage.Plan | None = None
         self._cancel_requested = False
+        self._preview: preview_layer.PreviewLayer | None = None  # the job's preview on the canvas
+        self.show_preview_layer = True  # scripts may turn the canvas preview off
 
     # -- connection --------------------------------------------------------------------------------
 
@@ -212,6 +215,10 @@ class CollageModel(qt.QObject):
         document.save_settings(doc, settings)
         self._pending_doc = doc
         self._plan = plan
+        preview_layer.remove_stale(doc, settings.results_group)
+        self._preview = (
+            preview_layer.PreviewLayer(doc, settings.results_group) if self.show_preview_layer else None
+        )
         self._cancel_requested = False
         self.last_error = ""
         self._set_busy(True)
@@ -269,11 +276,17 @@ class CollageModel(qt.QObject):
     def _on_progress(self, event: wire.ProgressEvent) -> None:
         self.progress.emit(messages.progress_text(event), messages.progress_fraction(event))
         if event.preview:
+            if self._preview is not None:
+                try:
+                    self._preview.show(bytes(event.preview))
+                except Exception:  # a preview is a nicety: never fail the job for it
+                    self._preview = None
             self.preview.emit(bytes(event.preview))
 
     def _on_succeeded(self, status: wire.JobStatus, fetched: list) -> None:
         doc, plan = self._pending_doc, self._plan
         stacks = self.follower.stacks if self.follower is not None else {}
+        self._remove_preview(keep_group=True)  # the results go in its place
         try:
             self._write(doc, plan, fetched, stacks)
         except Exception as error:
@@ -318,7 +331,14 @@ class CollageModel(qt.QObject):
         self.error.emit(message)
         return False
 
+    def _remove_preview(self, keep_group: bool = False) -> None:
+        preview, self._preview = self._preview, None
+        if preview is not None:
+            with contextlib.suppress(RuntimeError):  # the document was closed meanwhile
+                preview.remove(keep_group)
+
     def _finish(self, error: str, notice: str = "") -> None:
+        self._remove_preview()
         self.follower = None
         self._pending_doc = None
         self._set_busy(False)

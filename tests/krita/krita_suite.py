@@ -854,6 +854,62 @@ def cancel_stops_and_writes_nothing(report):
         doc.close()
 
 
+@check(needs_bridge=True)
+def preview_layer_during_a_job(report):
+    """While a job runs its preview is a temporary layer on top of "Collage results" at the
+    document's size; after the job it is gone with the result in its place, and after a cancel it
+    is gone with nothing written (not even the results group it made)."""
+    from collage_diffusion import collage, document, qt
+    from collage_diffusion.preview_layer import PREVIEW_NAME
+
+    doc = build_document()
+    try:
+        set_prompt(doc, "a slow one", steps=400)
+        before = fingerprint(doc)
+        model = make_model()
+        seen = []  # the results group's layer names at each preview
+
+        def at_preview(_png):
+            seen.append([n.name() for n in result_layers(doc)])
+
+        model.preview.connect(at_preview)
+
+        def preview_node():
+            layers = result_layers(doc)
+            return layers[-1] if layers and layers[-1].name() == PREVIEW_NAME else None
+
+        # Cancelled: the preview shows, then goes with the group it made.
+        if not model.generate(doc, "generate"):
+            raise AssertionError(f"generate did not start: {model.last_error}")
+        qt.spin(lambda: preview_node() is not None or not model.busy, 60000)
+        node = preview_node()
+        if node is None:
+            raise AssertionError(f"no preview layer during the job (previews seen: {seen})")
+        bounds = node.bounds()
+        assert_eq((bounds.width(), bounds.height()), (SIZE, SIZE), "preview layer scaled to the document")
+        assert_eq(node.visible(), True, "preview layer visible")
+        model.cancel()
+        model.wait_idle(60)
+        assert_eq(model.last_error, "", "cancel is not an error")
+        assert_eq(document.find_results_group(doc), None, "no results group after a cancelled first job")
+        assert_eq(fingerprint(doc), before, "user layers after cancel")
+        # Finished: the result in its place.
+        set_prompt(doc, "a red sign, a cat and a ball", steps=30, seed=3)
+        seen.clear()
+        if not model.generate(doc, "generate"):
+            raise AssertionError(f"generate did not start: {model.last_error}")
+        model.wait_idle(120)
+        assert_eq(model.last_error, "", "generate error")
+        if not seen or PREVIEW_NAME not in seen[-1]:
+            raise AssertionError(f"the preview layer was not in the results group during the job: {seen}")
+        want = collage.result_layer_name("a red sign, a cat and a ball", 3)
+        assert_eq([n.name() for n in result_layers(doc)], [want], "the result in the preview's place")
+        assert_eq(fingerprint(doc), before, "user layers after generate")
+        report["detail"] = f"{len(seen)} previews shown during the finished job"
+    finally:
+        doc.close()
+
+
 @check()
 def bridge_down_gives_a_clear_error(report):
     from collage_diffusion.model import DISCONNECTED, CollageModel
