@@ -50,6 +50,7 @@ CHECKS = [
     "layer_stack_result_is_a_group",
     "cancel_stops_and_writes_nothing",
     "preview_layer_during_a_job",
+    "results_history_and_discard",
     "bridge_down_gives_a_clear_error",
     "bridge_errors_in_plain_words",
     "local_bridge_starts_and_stops",

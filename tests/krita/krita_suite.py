@@ -910,6 +910,73 @@ def preview_layer_during_a_job(report):
         doc.close()
 
 
+@check(needs_bridge=True)
+def results_history_and_discard(report):
+    """The dock's thumbnails cover the document's recent jobs (newest first); clicking an older
+    one shows its layer and hides the other results; Discard removes only the plugin's layer:
+    a user layer moved into "Collage results" is refused and stays, as do all user layers."""
+    import fakekrita
+    from collage_diffusion import dock, document, qt
+
+    doc = build_document()
+    try:
+        set_prompt(doc, "a red sign and a cat", steps=4, seed=5)
+        settings = document.load_settings(doc)
+        settings.variants = 2
+        document.save_settings(doc, settings)
+        panel = dock.CollagePanel(fakekrita.Host(doc), make_model())
+        panel.model.show_preview_layer = False
+        generate_in_panel(panel)
+        panel.actions_section.variants_button.click()
+        panel.model.wait_idle(180)
+        assert_eq(panel.model.last_error, "", "variants error")
+        jobs = panel.model.jobs_for(doc)
+        assert_eq([len(j.entries) for j in jobs], [1, 2], "two jobs in the history")
+        thumbs = panel.results_section.thumbs
+        seeds = [thumbs.item(r).text() for r in range(thumbs.count())]
+        want = [f"seed {e.seed}" for e in jobs[1].entries] + [f"seed {jobs[0].entries[0].seed}"]
+        assert_eq(seeds, want, "thumbnails: the variants, then the first job's result")
+        # Click the first job's thumbnail: its layer shows, the variants hide.
+        panel._on_pick(thumbs.item(2))
+        by_uid = {document.uid_of(n): n for n in result_layers(doc)}
+        first = jobs[0].entries[0].node_uid
+        shown = {uid: node.visible() for uid, node in by_uid.items()}
+        assert_eq(shown, {uid: uid == first for uid in by_uid}, "only the clicked result shown")
+        assert_eq(panel.options_section.seed.value(), jobs[0].entries[0].seed, "its seed in Seed")
+        # A user layer put into the results group is not the plugin's: refused, kept.
+        before = fingerprint(doc)
+        group = document.find_results_group(doc)
+        mine = paint(doc, group, "my sketch", (0, 0, 255, 255), (0, 0, 8, 8))
+        if panel.model.discard(doc, document.uid_of(mine)):
+            raise AssertionError("discard removed a user layer")
+        if document.node_by_uid(doc, document.uid_of(mine)) is None:
+            raise AssertionError("the user layer is gone after a refused discard")
+        refused = panel.model.last_error
+        # Discard the selected (first job's) result through the dock: only that layer goes.
+        assert_eq(panel.results_section.selected(), (0, 0), "the clicked thumbnail is selected")
+        panel.discard_selected()
+        qt.spin(lambda: False, 100)
+        left = {document.uid_of(n) for n in result_layers(doc)}
+        assert_eq(
+            left,
+            {e.node_uid for e in jobs[1].entries} | {document.uid_of(mine)},
+            "result layers after discard",
+        )
+        assert_eq(thumbs.count(), 2, "thumbnails after discard")
+        assert_eq([len(j.entries) for j in panel.model.jobs_for(doc)], [2], "history after discard")
+        assert_eq(fingerprint(doc), before, "user layers after discard")
+        # A variant discarded by its uid: the other variant stays.
+        second = jobs[1].entries[1].node_uid
+        if not panel.model.discard(doc, second):
+            raise AssertionError(f"discard of a variant failed: {panel.model.last_error}")
+        left = {document.uid_of(n) for n in result_layers(doc)}
+        assert_eq(left, {jobs[1].entries[0].node_uid, document.uid_of(mine)}, "after discarding a variant")
+        report["detail"] = f"refused: {refused!r}"
+        panel.shutdown()
+    finally:
+        doc.close()
+
+
 @check()
 def bridge_down_gives_a_clear_error(report):
     from collage_diffusion.model import DISCONNECTED, CollageModel
