@@ -49,6 +49,8 @@ CHECKS = [
     "regenerate_after_reopen_uses_the_result_layer",
     "layer_stack_result_is_a_group",
     "cancel_stops_and_writes_nothing",
+    "preview_layer_during_a_job",
+    "results_history_and_discard",
     "bridge_down_gives_a_clear_error",
     "bridge_errors_in_plain_words",
     "local_bridge_starts_and_stops",

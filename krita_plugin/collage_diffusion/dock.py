@@ -10,7 +10,7 @@ machinery; `CollageDock` puts it into a Krita docker.
 
 from __future__ import annotations
 
-from . import actions, document, qt
+from . import actions, document, preview_layer, qt
 from .bridge_process import make_local_bridge
 from .collage import NodeInfo, layer_marks
 from .dock_models import ModelSection
@@ -152,6 +152,7 @@ class CollagePanel(W.QWidget):
         self.actions_section.regenerate_button.clicked.connect(lambda: self._run("regenerate"))
         self.actions_section.cancel_button.clicked.connect(m.cancel)
         self.results_section.thumbs.itemClicked.connect(self._on_pick)
+        self.results_section.discard_button.clicked.connect(self.discard_selected)
         self.layers_section.row_changed.connect(self._row_changed)
         self.prompt.textChanged.connect(self._changed)
         self.prompt_section.negative.textEdited.connect(self._changed)
@@ -171,6 +172,8 @@ class CollagePanel(W.QWidget):
         self.doc = doc
         self.doc_key = document.document_key(doc) if doc is not None else ""
         self.settings = document.load_settings(doc) if doc is not None else DocumentSettings()
+        if doc is not None and not self.model.busy:  # a preview layer saved into the file mid-job
+            preview_layer.remove_stale(doc, self.settings.results_group)
         self._snapshot = self.settings.to_json()
         self._dirty = False
         self._listed = []
@@ -292,14 +295,29 @@ class CollagePanel(W.QWidget):
         self.model.check_connection()
 
     def _on_pick(self, item) -> None:
-        self._show_variant(self.results_section.thumbs.row(item))
+        job, index = item.data(qt.Qt.ItemDataRole.UserRole)
+        self._show_result(index, job)
 
     def _show_variant(self, index: int) -> None:
-        seed = self.model.pick(self.doc, index)
+        self._show_result(index, None)
+
+    def _show_result(self, index: int, job: int | None) -> None:
+        """Show result `index` of job `job` (None: the current job), hiding the other results."""
+        seed = self.model.pick(self.doc, index, job)
         if seed is not None:
-            self.results_section.thumbs.setCurrentRow(index)
-            self.notice.setText(f"Showing variant {index + 1} (seed {seed}); Generate reproduces it.")
+            self._show_results()
+            self.notice.setText(f"Showing the result with seed {seed}; Generate reproduces it.")
             self.options_section.seed.setValue(seed % 2**31)
+
+    def discard_selected(self) -> None:
+        """Remove the selected thumbnail's result layer (one this dock made), and its thumbnail."""
+        where = self.results_section.selected()
+        jobs = self.model.jobs_for(self.doc)
+        if where is None or not 0 <= where[0] < len(jobs) or not 0 <= where[1] < len(jobs[where[0]].entries):
+            self.notice.setText("Select a result to discard first.")
+            return
+        self.error.clear()
+        self.model.discard(self.doc, jobs[where[0]].entries[where[1]].node_uid)
 
     # -- Krita actions (actions.py): the same as the dock's buttons ----------------------------------
 
@@ -342,7 +360,7 @@ class CollagePanel(W.QWidget):
         self.error.setText(text)
 
     def _show_results(self) -> None:
-        self.results_section.show_results(self.model.results_for(self.doc))
+        self.results_section.show_results(self.model.jobs_for(self.doc), self.model.results_for(self.doc))
 
     def shutdown(self) -> None:
         self.save_settings()

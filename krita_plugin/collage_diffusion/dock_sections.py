@@ -235,7 +235,8 @@ class ActionsSection(W.QWidget):
 
 
 class ResultsSection(W.QWidget):
-    """The live preview while a job runs, and the finished variants as thumbnails."""
+    """The live preview while a job runs, and the recent jobs' results as thumbnails (newest
+    first), with Discard."""
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -250,8 +251,19 @@ class ResultsSection(W.QWidget):
         self.thumbs.setResizeMode(W.QListView.ResizeMode.Adjust)
         self.thumbs.setMovement(W.QListView.Movement.Static)
         self.thumbs.setFixedHeight(128)
-        self.thumbs.setToolTip("Finished variants: click one to show it (its seed goes into the Seed field)")
-        v.addWidget(W.QLabel("Results"))
+        self.thumbs.setToolTip(
+            "This document's recent results, newest first: click one to show it and hide the other"
+            " results (its seed goes into the Seed field)"
+        )
+        self.discard_button = W.QPushButton("Discard")
+        self.discard_button.setToolTip(
+            "Remove the selected result's layer (one this dock made) from 'Collage results'"
+        )
+        self.discard_button.setEnabled(False)
+        row = W.QHBoxLayout()
+        row.addWidget(W.QLabel("Results"), 1)
+        row.addWidget(self.discard_button)
+        v.addLayout(row)
         v.addWidget(self.thumbs)
 
     def set_busy(self, busy: bool) -> None:
@@ -266,16 +278,24 @@ class ResultsSection(W.QWidget):
             self.preview.setPixmap(pixmap.scaled(128, 128, qt.Qt.AspectRatioMode.KeepAspectRatio))
             self.preview.show()
 
-    def show_results(self, last) -> None:
-        """`last`: the model's results for the document (entries with png, seed, name), or None."""
+    def show_results(self, jobs: list, current=None) -> None:
+        """`jobs`: the model's recent jobs of the document, oldest first (each with entries holding
+        png, seed, name, and `picked`); `current`: the one whose picked result is selected."""
         self.thumbs.clear()
-        if last is None:
-            return
-        for entry in last.entries:
-            pixmap = qt.QPixmap()
-            pixmap.loadFromData(entry.png, "PNG")
-            icon = qt.QIcon(pixmap.scaled(96, 96, qt.Qt.AspectRatioMode.KeepAspectRatio))
-            item = W.QListWidgetItem(icon, f"seed {entry.seed}")
-            item.setToolTip(entry.name)
-            self.thumbs.addItem(item)
-        self.thumbs.setCurrentRow(last.picked)
+        for j in reversed(range(len(jobs))):
+            for i, entry in enumerate(jobs[j].entries):
+                pixmap = qt.QPixmap()
+                pixmap.loadFromData(entry.png, "PNG")
+                icon = qt.QIcon(pixmap.scaled(96, 96, qt.Qt.AspectRatioMode.KeepAspectRatio))
+                item = W.QListWidgetItem(icon, f"seed {entry.seed}")
+                item.setToolTip(entry.name)
+                item.setData(qt.Qt.ItemDataRole.UserRole, (j, i))
+                self.thumbs.addItem(item)
+                if jobs[j] is current and i == current.picked:
+                    self.thumbs.setCurrentItem(item)
+        self.discard_button.setEnabled(self.thumbs.count() > 0)
+
+    def selected(self) -> tuple[int, int] | None:
+        """(job, index) of the selected thumbnail, or None."""
+        item = self.thumbs.currentItem()
+        return tuple(item.data(qt.Qt.ItemDataRole.UserRole)) if item is not None else None

@@ -6,11 +6,12 @@ through signals; tests wait with ``model.wait_idle()`` (which runs Qt's event lo
 
 from __future__ import annotations
 
+import contextlib
 import random
-from dataclasses import dataclass, field
 
-from . import choices, collage, document, messages, qt, results, results_stack, wire
+from . import choices, collage, document, messages, preview_layer, qt, results, results_stack, wire
 from .client import BridgeClient, Call, JobFollower
+from .history import History, ResultEntry, ResultSet
 
 # Connection states.
 UNKNOWN, CONNECTING, CONNECTED, DISCONNECTED, REFUSED = (
@@ -24,28 +25,6 @@ UNKNOWN, CONNECTING, CONNECTED, DISCONNECTED, REFUSED = (
 #: Seconds between health checks: while connected, and while not (reconnecting).
 CHECK_CONNECTED_S = 20.0
 CHECK_DISCONNECTED_S = 3.0
-
-
-@dataclass
-class ResultEntry:
-    seed: int
-    png: bytes
-    name: str
-    node_uid: str
-
-
-@dataclass
-class ResultSet:
-    """The results of the last finished job of one document."""
-
-    doc_key: str
-    plan: collage.Plan
-    entries: list[ResultEntry] = field(default_factory=list)
-    picked: int = 0
-
-    @property
-    def base_png(self) -> bytes | None:
-        return self.entries[self.picked].png if self.entries else None
 
 
 class CollageModel(qt.QObject):
@@ -80,7 +59,7 @@ class CollageModel(qt.QObject):
         self.job_id = ""
         self.last_error = ""
         self.last_written: list = []  # nodes written by the last job (tests look at them)
-        self._results: dict[str, ResultSet] = {}
+        self.history = History()  # this session's recent jobs per document
         self._checking: Call | None = None
         self._monitor = qt.QTimer(self)
         self._monitor.setSingleShot(True)
@@ -88,6 +67,8 @@ class CollageModel(qt.QObject):
         self._pending_doc = None
         self._plan: collage.Plan | None = None
         self._cancel_requested = False
+        self._preview: preview_layer.PreviewLayer | None = None  # the job's preview on the canvas
+        self.show_preview_layer = True  # scripts may turn the canvas preview off
 
     # -- connection --------------------------------------------------------------------------------
 
@@ -212,6 +193,10 @@ class CollageModel(qt.QObject):
         document.save_settings(doc, settings)
         self._pending_doc = doc
         self._plan = plan
+        preview_layer.remove_stale(doc, settings.results_group)
+        self._preview = (
+            preview_layer.PreviewLayer(doc, settings.results_group) if self.show_preview_layer else None
+        )
         self._cancel_requested = False
         self.last_error = ""
         self._set_busy(True)
@@ -229,7 +214,7 @@ class CollageModel(qt.QObject):
     def _regenerate_base(self, doc, size, results_uid: str) -> bytes | None:
         """The last result (the picked variant) at generation size; after a reopen, the topmost
         visible layer of the results group."""
-        last = self._results.get(document.document_key(doc))
+        last = self.history.current(document.document_key(doc))
         if last is not None and last.base_png is not None and wire.png_size(last.base_png) == tuple(size):
             entry = last.entries[last.picked]
             node = document.node_by_uid(doc, entry.node_uid)
@@ -269,11 +254,17 @@ class CollageModel(qt.QObject):
     def _on_progress(self, event: wire.ProgressEvent) -> None:
         self.progress.emit(messages.progress_text(event), messages.progress_fraction(event))
         if event.preview:
+            if self._preview is not None:
+                try:
+                    self._preview.show(bytes(event.preview))
+                except Exception:  # a preview is a nicety: never fail the job for it
+                    self._preview = None
             self.preview.emit(bytes(event.preview))
 
     def _on_succeeded(self, status: wire.JobStatus, fetched: list) -> None:
         doc, plan = self._pending_doc, self._plan
         stacks = self.follower.stacks if self.follower is not None else {}
+        self._remove_preview(keep_group=True)  # the results go in its place
         try:
             self._write(doc, plan, fetched, stacks)
         except Exception as error:
@@ -306,7 +297,7 @@ class CollageModel(qt.QObject):
             ResultEntry(seed=info.seed, png=png, name=name, node_uid=document.uid_of(node))
             for (info, png), (_, name), node in zip(fetched, named, nodes, strict=True)
         ]
-        self._results[document.document_key(doc)] = ResultSet(document.document_key(doc), plan, entries)
+        self.history.add(ResultSet(document.document_key(doc), plan, entries))
 
     def _on_failed(self, message: str) -> None:
         cancelled = self.follower is not None and self.follower.cancelled
@@ -318,7 +309,14 @@ class CollageModel(qt.QObject):
         self.error.emit(message)
         return False
 
+    def _remove_preview(self, keep_group: bool = False) -> None:
+        preview, self._preview = self._preview, None
+        if preview is not None:
+            with contextlib.suppress(RuntimeError):  # the document was closed meanwhile
+                preview.remove(keep_group)
+
     def _finish(self, error: str, notice: str = "") -> None:
+        self._remove_preview()
         self.follower = None
         self._pending_doc = None
         self._set_busy(False)
@@ -354,20 +352,62 @@ class CollageModel(qt.QObject):
     # -- results -------------------------------------------------------------------------------------
 
     def results_for(self, doc) -> ResultSet | None:
-        return self._results.get(document.document_key(doc)) if doc is not None else None
+        """The current job's results: the last job's, or the job whose result was picked last."""
+        return self.history.current(document.document_key(doc)) if doc is not None else None
 
-    def pick(self, doc, index: int) -> int | None:
-        """Show variant `index` of the last job (and hide its other variants); its seed."""
-        last = self.results_for(doc)
-        if last is None or not 0 <= index < len(last.entries):
+    def jobs_for(self, doc) -> list[ResultSet]:
+        """This session's recent jobs of `doc` (at most `history.MAX_JOBS`), oldest first."""
+        return self.history.jobs(document.document_key(doc)) if doc is not None else []
+
+    def pick(self, doc, index: int, job: int | None = None) -> int | None:
+        """Show result `index` of job `job` (an index into `jobs_for`; default the current job) and
+        hide the other layers of the results group; its seed, or None."""
+        if doc is None:
+            return None
+        key = document.document_key(doc)
+        jobs = self.history.jobs(key)
+        if job is None:
+            current = self.history.current(key)
+            job = next((j for j, r in enumerate(jobs) if r is current), -1)
+        entry = self.history.select(key, job, index)
+        if entry is None:
             return None
         settings = document.load_settings(doc)
         group = results.find_results_group(doc, settings.results_group)
         if group is not None:
-            results.show_only(group, last.entries[index].node_uid, [e.node_uid for e in last.entries])
+            siblings = [
+                document.uid_of(n) for n in group.childNodes() if n.name() != preview_layer.PREVIEW_NAME
+            ]
+            results.show_only(group, entry.node_uid, siblings)
             doc.refreshProjection()
-        last.picked = index
-        return last.entries[index].seed
+        return entry.seed
+
+    def discard(self, doc, node_uid: str) -> bool:
+        """Remove a result layer (or layer-stack group) this plugin wrote in this session, if it is
+        still in the results group; anything else is refused (False, the reason through `error`)."""
+        if doc is None:
+            return self._refuse("Open a document first.")
+        key = document.document_key(doc)
+        if self.history.find(key, node_uid) is None:
+            return self._refuse("Only a result this dock made in this session can be discarded.")
+        settings = document.load_settings(doc)
+        group = results.find_results_group(doc, settings.results_group)
+        node = (
+            next((n for n in group.childNodes() if document.uid_of(n) == node_uid), None) if group else None
+        )
+        if node is None:  # deleted or moved out of "Collage results" by the user: theirs now
+            self.history.forget(key, node_uid)
+            self.results_changed.emit()
+            return self._refuse(
+                "That result is no longer in the 'Collage results' group; nothing was removed."
+            )
+        name = node.name()
+        node.remove()
+        self.history.forget(key, node_uid)
+        doc.refreshProjection()
+        self.notice.emit(f"Discarded '{name}'.")
+        self.results_changed.emit()
+        return True
 
 
 def _offer(info: wire.InfoResponse | None) -> tuple | None:

@@ -1,11 +1,13 @@
 """A screenshot of the dock in a real Krita window, on a virtual X display (Xvfb).
 
     python tests/krita/screenshot.py [--out docs/images/dock.png] [--no-bridge] [--document FILE.ora]
+    python tests/krita/screenshot.py --mid-job --out docs/images/dock-preview.png
 
 Installs the plugin (install_krita.py) into a throwaway HOME, with a small helper plugin that,
 once Krita's window is up, opens the test collage (krita_suite.build_document), shows the
 Collage Diffusion dock, generates two variants on a demo-model bridge started here, and grabs
-the screen. Needs: krita, xvfb (``apt-get install krita xvfb python3-pyqt5``), and the project's
+the screen (with --mid-job: while the job runs, its preview on the canvas, then cancels it and
+logs what Krita's undo does to the results group). Needs: krita, xvfb (``apt-get install krita xvfb python3-pyqt5``), and the project's
 environment for the bridge. Takes about a minute.
 
 The helper plugin below is copied into the throwaway pykrita folder; it runs inside Krita.
@@ -17,6 +19,11 @@ HELPER = r"""
 import os, traceback
 from krita import Extension, Krita
 from collage_diffusion import qt
+
+def tree(node, depth=0):
+    return [("  " * depth) + f"{n.name()} ({n.type()}, visible={n.visible()})" + "\n" + "".join(tree(n, depth + 1))
+            for n in node.childNodes()]
+
 
 class Shot(Extension):
     def setup(self):
@@ -47,15 +54,18 @@ class Shot(Extension):
         app.setBatchmode(False)
         doc.setBatchmode(False)
         window.addView(doc)
-        if path:
+        mid_job = os.environ.get("COLLAGE_SHOT_MID_JOB") == "1"
+        if path or mid_job:
             # Large enough to see a small document; also, a fixed zoom avoids a Krita 5.1.5
             # deadlock at the fit-to-view zoom a document opens with (docs/plugin.md).
             window.activeView().canvas().setZoomLevel(6.0)
-        else:  # (a document of ours brings its own settings: collage.json in the .ora)
+        if not path:  # (a document of ours brings its own settings: collage.json in the .ora)
             krita_suite.set_prompt(doc, "a red sign, a cat and a ball on green grass, picture book style", steps=6,
                                    cat="a ginger cat", ball="a red ball", ground="green grass")
         settings = document.load_settings(doc)
         settings.variants = 2
+        if mid_job:  # long enough to grab the canvas preview halfway
+            settings.steps = 300
         document.save_settings(doc, settings)
         for dock in app.dockers():
             name = dock.objectName()
@@ -75,24 +85,61 @@ class Shot(Extension):
             panel._reconnect()
             qt.spin(lambda: panel.model.state == "connected", 20000)
         panel.refresh()
+        grabbed, notes = None, []
         if bridge:
             panel.variants_button.click()
             qt.spin(lambda: panel.model.busy, 5000)
+            if mid_job:
+                from collage_diffusion.preview_layer import PREVIEW_NAME
+
+                def halfway():
+                    group = document.find_results_group(doc)
+                    shown = group is not None and any(n.name() == PREVIEW_NAME for n in group.childNodes())
+                    return (shown and panel.actions_section.progress.value() >= 400) or not panel.model.busy
+
+                qt.spin(halfway, 180000)
+                qt.spin(lambda: False, 1500)  # the canvas repainted
+                grabbed = screen.grabWindow(0)
+                notes.append("mid-job tree:\n" + "".join(reversed(tree(doc.rootNode()))))
+                panel.model.cancel()
+                qt.spin(lambda: not panel.model.busy, 60000)
+                notes += self._undo_probe(app, doc, panel)
             qt.spin(lambda: not panel.model.busy, 120000)
         qt.spin(lambda: False, 1500)
         doc.refreshProjection()
         qt.spin(lambda: False, 1000)
 
-        def tree(node, depth=0):
-            return [("  " * depth) + f"{n.name()} ({n.type()}, visible={n.visible()})" + "\n" + "".join(tree(n, depth + 1))
-                    for n in node.childNodes()]
-
         with open(out + ".txt", "w", encoding="utf-8") as f:
             f.write("".join(reversed(tree(doc.rootNode()))))
             f.write(f"\nerror: {panel.error.text()}\nnotice: {panel.notice.text()}\nprogress: {panel.progress.format()}\n")
-        screen.grabWindow(0).save(out + ".tmp.png")
+            f.write("".join(line + "\n" for line in notes))
+        (grabbed or screen.grabWindow(0)).save(out + ".tmp.png")
         os.replace(out + ".tmp.png", out)
         doc.setModified(False)
+
+    def _undo_probe(self, app, doc, panel):
+        # What Ctrl+Z (Krita's edit_undo) does after a finished job: the results group at each step.
+        from collage_diffusion import document
+
+        def names():
+            group = document.find_results_group(doc)
+            return [n.name() for n in group.childNodes()] if group is not None else "no results group"
+
+        settings = document.load_settings(doc)
+        settings.steps, settings.variants = 4, 1
+        document.save_settings(doc, settings)
+        panel.refresh()
+        lines = [f"undo probe, before generate: {names()}"]
+        panel.actions_section.generate_button.click()
+        qt.spin(lambda: panel.model.busy, 5000)
+        qt.spin(lambda: not panel.model.busy, 120000)
+        lines.append(f"after generate: {names()} (error: {panel.error.text()!r})")
+        undo = app.action("edit_undo")
+        for i in range(5):
+            undo.trigger()
+            qt.spin(lambda: False, 700)
+            lines.append(f"after Ctrl+Z #{i + 1}: {names()}")
+        return lines
 
 Krita.instance().addExtension(Shot(Krita.instance()))
 """
@@ -135,6 +182,11 @@ def main() -> int:
         help="open this document instead of building the test collage (an .ora of ours brings its settings)",
     )
     p.add_argument("--keep", action="store_true", help="keep the throwaway HOME (printed)")
+    p.add_argument(
+        "--mid-job",
+        action="store_true",
+        help="grab while a job runs (its preview on the canvas), then cancel; also logs what Ctrl+Z does",
+    )
     args = p.parse_args()
     for tool in ("krita", "Xvfb"):
         if not shutil.which(tool):
@@ -183,6 +235,7 @@ def main() -> int:
                 "COLLAGE_SHOT_OUT": str(shot),
                 "COLLAGE_SHOT_BRIDGE": bridge_url,
                 **({"COLLAGE_SHOT_DOCUMENT": str(args.document.resolve())} if args.document else {}),
+                **({"COLLAGE_SHOT_MID_JOB": "1"} if args.mid_job else {}),
                 "PYTHONPATH": os.pathsep.join([str(root / "tests" / "krita")]),
             }
             klog = open(tmp / "krita.log", "w")  # noqa: SIM115
