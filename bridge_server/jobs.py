@@ -403,7 +403,7 @@ class JobManager:
         )
 
     def _save_results(self, job: Job, result: GenerationResult) -> list[wire.ResultInfo]:
-        level = self.config.result_png_level
+        level = self.config.png_level
         images = [np.ascontiguousarray(generated.image) for generated in result.images]
         encoded = list(self._encode.map(lambda image: encode_png(image, level), images))
         infos = []
