@@ -28,7 +28,15 @@ def encode_png(width: int, height: int, pixels: bytes, channels: int = 4, level:
         raise ValueError(
             f"pixels: {len(pixels)} bytes, a {width}×{height}×{channels} image has {stride * height}"
         )
-    raw = b"".join(b"\x00" + pixels[y * stride : (y + 1) * stride] for y in range(height))
+    # Row by row through one compressor, from views of `pixels`: no copy of the image is made
+    # while Python's lock is held (zlib releases it), so threads encode layers in parallel.
+    deflate = zlib.compressobj(level)
+    view = memoryview(pixels)
+    parts = []
+    for y in range(height):
+        parts.append(deflate.compress(b"\x00"))
+        parts.append(deflate.compress(view[y * stride : (y + 1) * stride]))
+    parts.append(deflate.flush())
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
@@ -37,7 +45,7 @@ def encode_png(width: int, height: int, pixels: bytes, channels: int = 4, level:
     return (
         PNG_SIGNATURE
         + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, level))
+        + chunk(b"IDAT", b"".join(parts))
         + chunk(b"IEND", b"")
     )
 
