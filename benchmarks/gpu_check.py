@@ -64,14 +64,21 @@ def finite_watch(modules: dict[str, torch.nn.Module]):
     """Records the names of the modules that returned a non-finite value while inside."""
     bad: set[str] = set()
 
+    def tensors(output):
+        if isinstance(output, torch.Tensor):
+            yield output
+        elif isinstance(output, dict):  # diffusers' and transformers' output classes are dicts
+            for value in output.values():
+                yield from tensors(value)
+        elif isinstance(output, (tuple, list)):
+            for value in output:
+                yield from tensors(value)
+
     def check(name):
         def hook(_module, _inputs, output):
-            tensors = output if isinstance(output, (tuple, list)) else [output]
-            tensors = [getattr(t, "sample", t) for t in tensors]
-            for t in tensors:
-                for x in t if isinstance(t, (tuple, list)) else [t]:
-                    if isinstance(x, torch.Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
-                        bad.add(name)
+            for x in tensors(output):
+                if x.is_floating_point() and not torch.isfinite(x).all():
+                    bad.add(name)
 
         return hook
 

@@ -46,3 +46,7 @@ def test_the_numerics_check_sees_a_nan():
     with torch.no_grad():
         model.pipeline.vae.decoder.conv_out.bias[0] = float("nan")
     assert numerics(model, controlnet, 64, 2) == ["vae.decoder: a non-finite output"]
+    with torch.no_grad():  # a model output class (a dict), not a tensor, is looked into too
+        params = dict(model.pipeline.text_encoder.named_parameters())
+        next(p for name, p in params.items() if name.endswith("final_layer_norm.bias"))[0] = float("nan")
+    assert "text_encoder: a non-finite output" in numerics(model, controlnet, 64, 2)
