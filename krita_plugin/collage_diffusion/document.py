@@ -281,7 +281,7 @@ def encode_bgra(
             qt.Qt.TransformationMode.SmoothTransformation,
         )
     image = image.convertToFormat(qt.QImage.Format.Format_RGBA8888)  # rows of exactly w * 4 bytes
-    return wire.encode_png(image.width(), image.height(), qt.image_bytes(image), level=compression)
+    return wire.encode_png(image.width(), image.height(), qt.image_view(image), level=compression)
 
 
 def read_canvas_png(node, doc_size: tuple[int, int], size: tuple[int, int]) -> bytes:

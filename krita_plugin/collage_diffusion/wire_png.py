@@ -28,14 +28,16 @@ def encode_png(width: int, height: int, pixels: bytes, channels: int = 4, level:
         raise ValueError(
             f"pixels: {len(pixels)} bytes, a {width}×{height}×{channels} image has {stride * height}"
         )
-    # Row by row through one compressor, from views of `pixels`: no copy of the image is made
-    # while Python's lock is held (zlib releases it), so threads encode layers in parallel.
+    # Rows are joined (each after its filter byte 0) a few MiB at a time and deflated: zlib
+    # releases Python's lock while it works, so the plugin's threads encode layers in parallel,
+    # and no copy of the whole image is made.
     deflate = zlib.compressobj(level)
     view = memoryview(pixels)
+    rows_per_block = max(1, (4 << 20) // (stride + 1))
     parts = []
-    for y in range(height):
-        parts.append(deflate.compress(b"\x00"))
-        parts.append(deflate.compress(view[y * stride : (y + 1) * stride]))
+    for y0 in range(0, height, rows_per_block):
+        rows = [view[y * stride : (y + 1) * stride] for y in range(y0, min(height, y0 + rows_per_block))]
+        parts.append(deflate.compress(b"\x00".join([b"", *rows])))
     parts.append(deflate.flush())
 
     def chunk(kind: bytes, body: bytes) -> bytes:
