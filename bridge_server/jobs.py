@@ -397,7 +397,7 @@ class JobManager:
         )
 
     def _save_results(self, job: Job, result: GenerationResult) -> list[wire.ResultInfo]:
-        return save_results(self.store, self._encode, job.id, result, self.config.result_png_level)
+        return save_results(self.store, self._encode, job.id, result, self.config.png_level)
 
     @staticmethod
     def _cancel_message(job: Job) -> str:

@@ -390,6 +390,9 @@ class _SamplingRun:
         scheduler.set_timesteps(self.collage.steps, device=z0.device)  # fresh multistep state
         order = scheduler.order
         timesteps = scheduler.timesteps[plan.first * order :]
+        # The noise levels on the host, read once: reading a device timestep each step would make
+        # the host wait for the GPU every step instead of queueing the next U-Net call.
+        sigmas = [timestep_sigma(scheduler, t) for t in timesteps.cpu()]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(plan.first * order)
         n = len(seeds)
@@ -409,7 +412,7 @@ class _SamplingRun:
                 # composite noised to this step (for the latter that is exactly SDEdit's start).
                 waiting = start_index >= plan.first + i // order
                 latents = torch.where(waiting, scheduler.add_noise(start, noise, t.repeat(n)), latents)
-            step = StepContext(i, t, timestep_sigma(scheduler, t))
+            step = StepContext(i, t, sigmas[i])
             for hook in self.hooks:
                 hook.on_step(step)
             model_input = torch.cat([latents] * 2) if guided else latents

@@ -99,8 +99,10 @@ def component_config(family: ModelFamily, component: str, scale: str = "real") -
     return config
 
 
-def build_random_pipeline(family: ModelFamily, scale: str = "tiny", seed: int = 0):
-    """A pipeline of `family`'s shape with random weights (float32, CPU), tokenizers included."""
+def build_random_pipeline(family: ModelFamily, scale: str = "tiny", seed: int = 0, device: str = "cpu"):
+    """A pipeline of `family`'s shape with random weights (float32), tokenizers included. The
+    weights are made on `device` (a GPU check builds SDXL there in seconds; the scheduler's own
+    tables stay on the CPU, where diffusers expects them)."""
     import diffusers
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -110,7 +112,7 @@ def build_random_pipeline(family: ModelFamily, scale: str = "tiny", seed: int = 
 
     index = _read(family.config_dir / "model_index.json")
     parts: dict[str, object] = {}
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         parts["unet"] = UNet2DConditionModel.from_config(component_config(family, "unet", scale))
         parts["vae"] = AutoencoderKL.from_config(component_config(family, "vae", scale))

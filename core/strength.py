@@ -66,6 +66,8 @@ def feather_weights(changed: np.ndarray, feather_px: int) -> np.ndarray:
 
 def paste_back(generated: np.ndarray, original: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """generated where weights is 1, the original pixels exactly where weights is 0, a blend between."""
+    if weights.min() >= 1.0:  # every pixel changes (a uniform strength > 0): nothing to blend
+        return generated
     w = weights[..., None]
     blended = np.rint(generated.astype(np.float32) * w + original.astype(np.float32) * (1.0 - w))
     out = blended.clip(0, 255).astype(np.uint8)

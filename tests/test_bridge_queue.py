@@ -223,9 +223,20 @@ def test_unreadable_records_are_removed(tmp_path):
     assert sorted(p.name for p in store.root.iterdir()) == ["not-a-job"]
 
 
+@pytest.mark.parametrize("level", [0, 1, 6])
 @pytest.mark.parametrize("channels", [3, 4])
-def test_result_pngs_are_exact(channels):
+def test_result_pngs_are_exact(channels, level):
     image = np.random.default_rng(0).integers(0, 256, (33, 47, channels), dtype=np.uint8)
-    decoded = Image.open(io.BytesIO(encode_png(image)))
+    decoded = Image.open(io.BytesIO(encode_png(image, level)))
     assert decoded.mode == ("RGB" if channels == 3 else "RGBA")
     assert np.array_equal(np.asarray(decoded), image)
+
+
+def test_result_png_level_follows_the_bind():
+    """Stored PNGs on loopback (bytes are free there, encoding is not); compressed beyond it;
+    an explicit level wins either way."""
+    smooth = np.tile(np.arange(64, dtype=np.uint8)[None, :, None], (64, 1, 3))
+    assert BridgeConfig(host="127.0.0.1").png_level == 0
+    assert BridgeConfig(host="0.0.0.0", token="x" * 16).png_level == 1
+    assert BridgeConfig(host="127.0.0.1", result_png_level=6).png_level == 6
+    assert len(encode_png(smooth, 0)) > 64 * 64 * 3 > len(encode_png(smooth, 1))

@@ -73,6 +73,7 @@ __all__ = [
     "QtNetwork",
     "QtWidgets",
     "image_bytes",
+    "image_view",
     "image_from_bgra",
     "png_bytes",
     "qbytes",
@@ -97,6 +98,18 @@ def image_bytes(image: QtGui.QImage) -> bytes:
     ptr = image.constBits()
     ptr.setsize(size)
     return bytes(ptr)
+
+
+def image_view(image: QtGui.QImage):
+    """The raw pixel bytes of `image` as a memoryview, without a copy (valid while `image` lives
+    and is not changed); a copy where the binding's pointer has no buffer interface."""
+    size = image.sizeInBytes() if hasattr(image, "sizeInBytes") else image.byteCount()
+    ptr = image.constBits()
+    ptr.setsize(size)
+    try:
+        return memoryview(ptr)
+    except TypeError:  # pragma: no cover - sip pointers have had the buffer interface for years
+        return bytes(ptr)
 
 
 def image_from_bgra(data: bytes, width: int, height: int) -> QtGui.QImage:

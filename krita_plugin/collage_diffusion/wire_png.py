@@ -28,18 +28,23 @@ def encode_png(width: int, height: int, pixels: bytes, channels: int = 4, level:
         raise ValueError(
             f"pixels: {len(pixels)} bytes, a {width}×{height}×{channels} image has {stride * height}"
         )
-    raw = b"".join(b"\x00" + pixels[y * stride : (y + 1) * stride] for y in range(height))
+    # Rows are joined (each after its filter byte 0) a few MiB at a time and deflated: zlib
+    # releases Python's lock while it works, so the plugin's threads encode layers in parallel,
+    # and no copy of the whole image is made.
+    deflate = zlib.compressobj(level)
+    view = memoryview(pixels)
+    rows_per_block = max(1, (4 << 20) // (stride + 1))
+    parts = []
+    for y0 in range(0, height, rows_per_block):
+        rows = [view[y * stride : (y + 1) * stride] for y in range(y0, min(height, y0 + rows_per_block))]
+        parts.append(deflate.compress(b"\x00".join([b"", *rows])))
+    parts.append(deflate.flush())
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    return (
-        PNG_SIGNATURE
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, level))
-        + chunk(b"IEND", b"")
-    )
+    return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
 
 
 def content_box(width: int, height: int, rgba: bytes) -> tuple[int, int, int, int] | None:
