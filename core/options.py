@@ -3,7 +3,8 @@
 Masked attention (§1) runs for every layer with an `attention_weight` > 0; appearance tokens (§2)
 for every layer with `appearance` on (inside `generate`); per-layer strength (§4) always;
 ControlNet (§3) when a ControlNet was configured (the demo model brings its own) and a layer has a
-`control_weight` > 0.
+`control_weight` > 0. Reference attention (core/reference.py) for every layer with
+``appearance: "reference"`` and an `appearance_weight` > 0.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .collage import Collage
 from .control import CannyDetector, controlnet_hook, load_controlnet, missing_controlnet_warning
 from .demo_model import DEMO_MODEL_ID, DEMO_VERSION
 from .models import ModelLoadError
+from .reference import reference_attention_hook
 
 
 @dataclass
@@ -31,6 +33,7 @@ class EngineOptions:
     control_end: float = 1.0  # fraction after which it stops
     canny_low: int = 100
     canny_high: int = 200
+    reference_end: float = 1.0  # fraction of the schedule (from pure noise) reference layers act in
 
 
 def build_hooks(
@@ -48,7 +51,8 @@ def build_hooks(
             masked_attention_hook,
             schedule=options.attention_schedule,
             negative_weight=options.attention_negative_weight,
-        )
+        ),
+        partial(reference_attention_hook, end=options.reference_end),
     ]
     controlnet = None
     ref = options.controlnet
