@@ -1,12 +1,12 @@
 """Training-free appearance: masked reference attention per layer (``appearance: "reference"``).
 
-The "reference-only" idea, restricted to a layer's region. Each reference layer's own pixels (its
-RGBA over neutral grey, placed on a canvas-size image so that positions line up) are VAE-encoded
-once. At each step they are noised to the step's level (the variance-preserving form every
-scheduler feeds the U-Net: sqrt(a) z + sqrt(1 - a) eps, with a fixed per-generation eps) and run
-through the same U-Net in one extra batched pass (all reference layers together, the prompt's
-conditional embeddings), which stores, in every self-attention (``attn1``) layer, the keys and
-values at the layer's own pixels (alpha > 0.5 at that resolution).
+The "reference-only" idea, restricted to a layer's region. The reference image is the flattened
+collage (inside a layer's visible mask its pixels are the layer's own, exactly aligned), VAE-encoded
+once. At each step it is put on the SDEdit path of each variant's own noise, sqrt(a) z + sqrt(1 - a)
+eps (the variance-preserving form every scheduler feeds the U-Net), and run through the same U-Net
+in one extra pass with the main call's rows and conditioning. That pass stores, in every
+self-attention (``attn1``) layer, the keys and values at each reference layer's pixels (visible
+mask > 0.5 at that resolution); one pass serves every reference layer.
 
 In the main pass, the self-attention queries inside layer i's visible mask m_i attend to
 [the image's own keys ; layer i's reference keys], the reference logits shifted by log(w_i)
@@ -28,30 +28,25 @@ import contextlib
 import math
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .collage import appearance_mode
-from .compositing import mask_pyramid, place_layer, unet_feature_sizes
-
-NEUTRAL_GREY = 0.5  # the background a layer's pixels are put over for its reference image
-_REFERENCE_SEED_OFFSET = 104_729  # the references' noise differs from every variant's
+from .compositing import mask_pyramid, unet_feature_sizes
 
 
 class ReferenceAttention:
     """The sampler hook: reference latents, masks per resolution, and the key/value bank.
 
     `query_masks[P]` is (n, P) float (the layers' visible masks at the resolution with P pixels);
-    `key_masks[P]` is (n, P) bool (where each layer's own alpha is > 0.5 there). `z_ref` is
-    (n, C, h, w) reference latents, `noise` the same shape. `end` is the fraction of the
+    `key_masks[P]` is (n, P) bool (where the visible mask is > 0.5). `z_ref` is the (1, C, h, w)
+    reference latents. `end` is the fraction of the
     schedule (by timestep, from pure noise) during which references act; later steps run plain.
     """
 
     def __init__(
         self,
         z_ref: torch.Tensor,
-        noise: torch.Tensor,
         query_masks: dict[int, torch.Tensor],
         key_masks: dict[int, torch.Tensor],
         weights: list[float],
@@ -60,11 +55,12 @@ class ReferenceAttention:
         end: float = 1.0,
         train_timesteps: int = 1000,
     ):
-        if not (len(weights) == len(layers) == z_ref.shape[0]):
-            raise ValueError("weights, layers and reference latents must have one entry per layer")
+        if len(weights) != len(layers) or z_ref.shape[0] != 1:
+            raise ValueError("weights and layers need one entry per layer, and there is one reference image")
         if not 0.0 <= end <= 1.0:
             raise ValueError(f"reference end must be in 0..1, got {end}")
-        self.z_ref, self.noise = z_ref, noise
+        self.z_ref = z_ref
+        self._eps: torch.Tensor | None = None
         self.layers = list(layers)
         self.weights = [float(w) for w in weights]
         self.log_weights = [math.log(w) for w in self.weights]
@@ -105,41 +101,41 @@ class ReferenceAttention:
     def on_step(self, step) -> None:
         self._sigma = float(step.sigma)
         self._active = float(step.timestep) >= (1.0 - self.end) * self.train_timesteps - 1e-6
+        if step.index == 0:
+            self._eps = None  # a new batch of variants: its noise is read from its first input
         self.mode = "off"
 
     def unet_kwargs(self, model_input, timestep, embeds, added_cond_kwargs) -> dict:
-        """Run the reference pass (filling the bank); the main call then reads it. Adds no argument."""
+        """Run the reference pass (filling the bank); the main call then reads it. Adds no argument.
+
+        The reference input is the flattened collage on the SDEdit path of each variant's own
+        noise: sqrt(a) z_ref + sqrt(1 - a) eps, eps read off the first step's input (which is
+        exactly that). With another noise the references' features at a small layer are
+        dominated by noise that is not the image's (measured: far worse, docs/appearance.md).
+        """
         self.bank.clear()
         if not self._active:
             self.mode = "off"
             return {}
-        n = self.z_ref.shape[0]
         alpha_bar = 1.0 / (1.0 + self._sigma**2)
-        z = self.z_ref.to(model_input) * alpha_bar**0.5 + self.noise.to(model_input) * (1 - alpha_bar) ** 0.5
-        cond = embeds[-1:].expand(n, *embeds.shape[1:])
-        added = None
-        if added_cond_kwargs is not None:
-            added = {k: v[-1:].expand(n, *v.shape[1:]) for k, v in added_cond_kwargs.items()}
+        z_ref = self.z_ref.to(model_input)
+        if self._eps is None:
+            self._eps = (model_input - z_ref * alpha_bar**0.5) / (1 - alpha_bar) ** 0.5
+        z = z_ref * alpha_bar**0.5 + self._eps * (1 - alpha_bar) ** 0.5
         self.mode = "write"
         try:
-            self._unet(z, timestep, encoder_hidden_states=cond, added_cond_kwargs=added)
+            self._unet(z, timestep, encoder_hidden_states=embeds, added_cond_kwargs=added_cond_kwargs)
         finally:
             self.mode = "read"
         return {}
 
 
-def _pool_masks(masks: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """(n, H, W) float masks → (n, h * w) by area averaging."""
-    t = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32))[:, None]
-    return F.interpolate(t, size=size, mode="area")[:, 0].flatten(1)
-
-
 def reference_attention_hook(setup, *, end: float = 1.0) -> ReferenceAttention | None:
     """Build the hook for one generation (a `core.generate` hook builder); None when no layer has
     ``appearance: "reference"`` with an `appearance_weight` > 0."""
-    from .generate import VaeCodec, image_to_tensor, seed_noise  # generate does not import us
+    from .generate import VaeCodec, image_to_tensor  # generate does not import us
 
-    flat, collage, model = setup.flat, setup.collage, setup.model
+    flat, model = setup.flat, setup.model
     pick = [
         i
         for i, layer in enumerate(flat.layers)
@@ -148,29 +144,23 @@ def reference_attention_hook(setup, *, end: float = 1.0) -> ReferenceAttention |
     if not pick:
         return None
     pipe, device, dtype = model.pipeline, model.device, model.dtype
-    h, w = collage.height, collage.width
-    placed = [place_layer(flat.layers[i], w, h) for i in pick]
-    images = [
-        np.clip(np.rint((p.rgb * p.alpha[..., None] + NEUTRAL_GREY * (1 - p.alpha[..., None])) * 255), 0, 255)
-        for p in placed
-    ]
+    # One reference image for all layers: the flattened collage, whose pixels in a layer's visible
+    # mask are the layer's own (exactly aligned, and one row of extra batch whatever their number).
     vae = VaeCodec(pipe.vae, model.family.vae_needs_upcast(pipe.vae, dtype), dtype)
-    z_ref = torch.cat([vae.encode(image_to_tensor(img.astype(np.uint8), device, dtype)) for img in images])
-    noise = seed_noise([collage.seed + _REFERENCE_SEED_OFFSET + k for k in range(len(pick))], z_ref.shape[1:])
+    z_ref = vae.encode(image_to_tensor(flat.image, device, dtype))
     unet = pipe.unet
     lh, lw = setup.latent_size
     sizes = unet_feature_sizes(lh, lw, len(unet.config.block_out_channels))
     pyramid = mask_pyramid(flat.masks, sizes)
-    alphas = np.stack([p.alpha for p in placed])
     query_masks, key_masks = {}, {}
     for sh, sw in sizes:
-        query_masks[sh * sw] = torch.as_tensor(
+        masks = torch.as_tensor(
             pyramid[(sh, sw)].layers[pick].reshape(len(pick), sh * sw), dtype=torch.float32, device=device
         )
-        key_masks[sh * sw] = (_pool_masks(alphas, (sh, sw)) > 0.5).to(device)
+        query_masks[sh * sw] = masks
+        key_masks[sh * sw] = masks > 0.5
     return ReferenceAttention(
         z_ref,
-        noise.to(device=device, dtype=dtype),
         query_masks,
         key_masks,
         [float(flat.layers[i].appearance_weight) for i in pick],
@@ -248,14 +238,14 @@ class ReferenceSelfAttnProcessor:
         return out / attn.rescale_output_factor
 
     def _store(self, attn, key: torch.Tensor, value: torch.Tensor, seq_len: int) -> None:
-        """Keep row j's keys and values at layer j's own pixels: (H, n_j, d) each, or None."""
+        """Keep the reference rows' keys and values at layer j's pixels: (B, H, n_j, d) each, or None."""
         masks = self.hook.key_masks.get(seq_len)
         if masks is None:
             return
         entries: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-        for j, mask in enumerate(masks):
+        for mask in masks:
             idx = mask.nonzero().flatten()
-            entries.append((key[j][:, idx], value[j][:, idx]) if len(idx) else None)
+            entries.append((key[:, :, idx], value[:, :, idx]) if len(idx) else None)
         self.hook.bank[id(attn)] = entries
 
     def _read(self, attn, query, key, value, out: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -268,15 +258,14 @@ class ReferenceSelfAttnProcessor:
             return out
         masks = hook.query_masks[seq_len]
         out = out.clone()
-        batch, heads = query.shape[:2]
         for j, entry in enumerate(entries):
             idx = inside[j]
             if entry is None or not len(idx):
                 continue
             k_ref, v_ref = entry
-            n_ref = k_ref.shape[1]
-            keys = torch.cat([key, k_ref[None].to(key.dtype).expand(batch, -1, -1, -1)], dim=2)
-            values = torch.cat([value, v_ref[None].to(value.dtype).expand(batch, -1, -1, -1)], dim=2)
+            n_ref = k_ref.shape[2]
+            keys = torch.cat([key, k_ref.to(key.dtype)], dim=2)  # the reference pass has the same rows
+            values = torch.cat([value, v_ref.to(value.dtype)], dim=2)
             bias = torch.zeros(1, 1, 1, seq_len + n_ref, dtype=query.dtype, device=query.device)
             bias[..., seq_len:] = hook.log_weights[j]
             q = query.index_select(2, idx)

@@ -54,11 +54,10 @@ class Builder:
 
 
 def _bank_hook(attn, x, masks, key_masks, weight):
-    """A hook whose bank holds the keys/values of reference hidden states `ref` for `attn`."""
+    """A hook with these masks and one weight for every layer (its bank filled by a "write" call)."""
     n = masks.shape[0]
     hook = ReferenceAttention(
-        torch.zeros(n, 4, 2, 2),
-        torch.zeros(n, 4, 2, 2),
+        torch.zeros(1, 4, 2, 2),
         {x.shape[1]: masks},
         {x.shape[1]: key_masks},
         [weight] * n,
@@ -75,7 +74,7 @@ def test_processor_changes_nothing_outside_the_mask(dtype):
     attn = Attention(32, heads=4, dim_head=8).eval().to(dtype)
     pixels = 48
     x = torch.randn(2, pixels, 32, dtype=dtype)  # the main batch (e.g. uncond + cond)
-    ref = torch.randn(2, pixels, 32, dtype=dtype) * 3  # two reference layers
+    ref = torch.randn(2, pixels, 32, dtype=dtype) * 3  # the reference pass, with the same rows
     masks = torch.zeros(2, pixels)
     masks[0, 5:15] = 1.0
     masks[0, 15:18] = 0.5  # a soft edge
@@ -92,7 +91,7 @@ def test_processor_changes_nothing_outside_the_mask(dtype):
             proc = ReferenceSelfAttnProcessor(hook)
             hook.mode = "write"
             assert torch.equal(proc(attn, ref), AttnProcessor2_0()(attn, ref))  # writing changes nothing
-            assert [e[0].shape for e in hook.bank[id(attn)]] == [(4, 20, 8), (4, 16, 8)]
+            assert [e[0].shape for e in hook.bank[id(attn)]] == [(2, 4, 20, 8), (2, 4, 16, 8)]
             hook.mode = "read"
             out = proc(attn, x)
             assert torch.equal(out[:, outside], stock[:, outside])
@@ -190,7 +189,7 @@ def test_runs_on_tiny_sdxl_with_both_layers(tiny_sdxl):
     builder = Builder()
     out = generate(tiny_sdxl, art, hooks=[builder]).images[0].image
     hook = builder.hooks[0]
-    assert hook.layers == [0, 1] and hook.z_ref.shape[0] == 2
+    assert hook.layers == [0, 1] and hook.z_ref.shape[0] == 1  # one reference pass for both
     assert hook.bank == {}  # cleared on exit
     assert out.shape == plain.shape and not np.array_equal(out, plain)
 
