@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from .attention import masked_attention_hook
-from .collage import Collage
+from .collage import Collage, appearance_mode
 from .control import CannyDetector, controlnet_hook, load_controlnet, missing_controlnet_warning
 from .demo_model import DEMO_MODEL_ID, DEMO_VERSION
 from .models import ModelLoadError
@@ -51,9 +51,10 @@ def build_hooks(
             masked_attention_hook,
             schedule=options.attention_schedule,
             negative_weight=options.attention_negative_weight,
-        ),
-        partial(reference_attention_hook, end=options.reference_end),
+        )
     ]
+    if any(appearance_mode(layer.appearance) == "reference" for layer in collage.layers):
+        hooks.append(partial(reference_attention_hook, end=options.reference_end))
     controlnet = None
     ref = options.controlnet
     family = getattr(model, "family", None)

@@ -146,10 +146,12 @@ def test_weight_zero_or_off_is_the_plain_path_exactly(demo_pipeline):
         out = generate(demo_pipeline, art, hooks=[builder]).images[0].image
         assert builder.hooks == [None]
         assert np.array_equal(out, plain)
-    # Through the engine's hooks (masked attention etc.): the same image as with appearance off.
+    # Through the engine's hooks (masked attention etc.): the same image as with appearance off;
+    # the reference builder is there only when a layer asks for "reference".
     images = []
-    for art in (collage(weight=0.0), collage(appearance=False)):
+    for art, builders in ((collage(weight=0.0), 2), (collage(appearance=False), 1)):
         hooks, _ = build_hooks(demo_pipeline, art, EngineOptions())
+        assert len(hooks) == builders
         images.append(generate(demo_pipeline, art, hooks=hooks).images[0].image)
     assert np.array_equal(*images)
 
