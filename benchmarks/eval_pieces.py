@@ -11,7 +11,7 @@ the piece that targets it switched on:
 * spatial accuracy (masked cross-attention, §1): generate at strength 1 (only the prompt and the
   attention bias know the layout); a layer counts as placed when its colour covers at least 30 %
   of its mask and at least half of that colour's pixels in the image lie inside the mask.
-* appearance (textual inversion, §2): each collage has one striped/dotted object whose text and
+* appearance (textual inversion, §2, or masked reference attention): each collage has one striped/dotted object whose text and
   prompt do not name the pattern; mean |generated - layer| (0..255) inside the object, and the
   Wasserstein-1 distance of the colour distributions there (blind to the stripes' phase).
 * structure (ControlNet, §3): share of the layers' Canny edges found again (±1 px) in the
@@ -365,8 +365,30 @@ def eval_structure(model, args, gallery: Gallery, common: dict) -> list[Row]:
     return rows
 
 
+def appearance_settings(spec: str) -> list[tuple[str, str, float, float]]:
+    """(label, appearance, weight, reference end) per comma-separated item of --appearance-modes:
+    "sdedit", "inversion", or "reference[:WEIGHT[:END]]" (END: fraction of the schedule)."""
+    out = []
+    for item in spec.split(","):
+        name, *rest = item.strip().split(":")
+        if name == "sdedit":
+            out.append(("baseline SDEdit", "off", 1.0, 1.0))
+        elif name == "inversion":
+            out.append(("+ inversion", "learned", 1.0, 1.0))
+        elif name == "reference" and len(rest) <= 2:
+            weight, end = float(rest[0]) if rest else 1.0, float(rest[1]) if len(rest) > 1 else 1.0
+            out.append(
+                (f"+ reference w={weight:g}" + (f" end={end:g}" if end < 1 else ""), "reference", weight, end)
+            )
+        else:
+            raise SystemExit(
+                f"--appearance-modes: unknown item {item!r} (sdedit, inversion, reference[:W[:END]])"
+            )
+    return out
+
+
 def eval_appearance(model, args, gallery: Gallery, common: dict) -> list[Row]:
-    """§2: the unnamed pattern's distance, inversion off and on."""
+    """§2: the unnamed pattern's and colour's distances: SDEdit, inversion, reference attention."""
     rows: list[Row] = []
     # §2 appearance: inversion off vs on for the layer whose pattern nobody names.
     from core.inversion import recipe as inv  # the knobs are read from here at run time
@@ -386,16 +408,23 @@ def eval_appearance(model, args, gallery: Gallery, common: dict) -> list[Row]:
     ):
         cases = make_cases(args.n_appearance, args.seed, kind)
         section = f"appearance ({what}, strength {strength:.1f})"
-        for label, on in (("baseline SDEdit", False), ("+ inversion", True)):
+        for label, mode, weight, end in appearance_settings(args.appearance_modes):
             dists, w1s, rests, secs = [], [], [], []
+            options = EngineOptions(reference_end=end)
             for k, case in enumerate(cases):
                 gallery.add(section, "collage", k, _composite(case))
                 t = case.textured
                 layers = [
-                    replace(layer, attention_weight=args.appearance_attention, appearance=on and i == t)
+                    replace(
+                        layer,
+                        attention_weight=args.appearance_attention,
+                        appearance=mode if i == t else False,
+                        appearance_weight=weight,
+                    )
                     for i, layer in enumerate(case.collage.layers)
                 ]
-                img, dt = run(model, replace(case.collage, layers=layers, strength=strength, **common))
+                c = replace(case.collage, layers=layers, strength=strength, **common)
+                img, dt = run(model, c, options)
                 secs.append(dt)
                 gallery.add(section, label, k, img)
                 layer_rgb = case.collage.layers[t].image[..., :3]
@@ -555,6 +584,11 @@ def main(argv: list[str] | None = None) -> None:
         "--measures", default=",".join(MEASURES), help="comma-separated subset of: " + ", ".join(MEASURES)
     )
     p.add_argument("--n-appearance", type=int, default=10, help="collages for the inversion rows")
+    p.add_argument(
+        "--appearance-modes",
+        default="sdedit,inversion,reference",
+        help="settings of the appearance rows: sdedit, inversion, reference[:WEIGHT[:END]], comma-separated",
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--strength", type=float, default=0.7, help="SDEdit strength of the fidelity rows")

@@ -210,6 +210,7 @@ def to_collage(request: wire.JobRequest, config: BridgeConfig) -> Converted:
                 attention_weight=float(spec.attention_weight),
                 control_weight=float(spec.control_weight),
                 appearance=spec.appearance,
+                appearance_weight=float(spec.appearance_weight),
             )
         )
     background: tuple[int, int, int] | np.ndarray = tuple(request.background)  # type: ignore[assignment]

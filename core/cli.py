@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .collage import SCHEDULERS, CollageError
+from .collage import SCHEDULERS, CollageError, appearance_mode
 from .progress import FILL_PHASE
 from .verbosity import DEBUG_ENV, debug_requested, set_verbose
 
@@ -205,7 +205,8 @@ def _inspect(args) -> int:
         print(
             f"  [{i}] {layer.text!r}: {w}×{h} at {layer.offset}, opacity {layer.opacity:.2f},"
             f" strength {c.layer_strength(layer):.2f}, attention {layer.attention_weight:g},"
-            f" control {layer.control_weight:g}, appearance {'on' if layer.appearance else 'off'}"
+            f" control {layer.control_weight:g}, appearance {appearance_mode(layer.appearance)}"
+            + (f" {layer.appearance_weight:g}" if appearance_mode(layer.appearance) == "reference" else "")
         )
     for warning in doc.warnings:
         print(f"  note: {warning}")

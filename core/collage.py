@@ -30,6 +30,20 @@ class CollageError(ValueError):
         super().__init__("; ".join(self.problems))
 
 
+APPEARANCE_MODES = ("off", "learned", "reference")
+APPEARANCE_HELP = 'must be "off", "learned", "reference", true (= "learned") or false (= "off")'
+
+
+def appearance_mode(value: object) -> str | None:
+    """A layer's `appearance` as one of APPEARANCE_MODES (True is "learned", False "off", as
+    documents before the choice had it); None for anything else."""
+    if value is True:
+        return "learned"
+    if value is False:
+        return "off"
+    return value if isinstance(value, str) and value in APPEARANCE_MODES else None
+
+
 @dataclass
 class Layer:
     """One object of the collage: an RGBA image placed on the canvas, paired with a text."""
@@ -43,7 +57,10 @@ class Layer:
     strength: float | None = None  # SDEdit noise strength; None = the collage's strength
     attention_weight: float = 1.0  # masked cross-attention bias weight (0 = off)
     control_weight: float = 0.0  # ControlNet residual weight inside this layer (0 = off)
-    appearance: bool = False  # learn a textual-inversion token from this layer's pixels
+    # False/"off", True/"learned" (a textual-inversion token from its pixels), or "reference"
+    # (masked reference attention, core/reference.py); see `appearance_mode`
+    appearance: bool | str = False
+    appearance_weight: float = 1.0  # weight of the reference (0 = off), "reference" only
 
     @property
     def width(self) -> int:
@@ -227,6 +244,7 @@ def _layer_problems(layer: Layer, where: str, canvas: tuple[int, int] | None) ->
         _check_number(problems, f"{label}.strength", layer.strength, 0.0, 1.0)
     _check_number(problems, f"{label}.attention_weight", layer.attention_weight, 0.0, 10.0)
     _check_number(problems, f"{label}.control_weight", layer.control_weight, 0.0, 2.0)
-    if not isinstance(layer.appearance, bool):
-        problems.append(f"{label}.appearance: must be true or false, got {layer.appearance!r}")
+    if appearance_mode(layer.appearance) is None:
+        problems.append(f"{label}.appearance: {APPEARANCE_HELP}, got {layer.appearance!r}")
+    _check_number(problems, f"{label}.appearance_weight", layer.appearance_weight, 0.0, 10.0)
     return problems

@@ -5,7 +5,8 @@ layers self-attention modulation (on by default) and regional conditioning (off 
 their weights are > 0 (docs/attention.md, "Spatial modes"); appearance tokens (§2)
 for every layer with `appearance` on (inside `generate`); per-layer strength (§4) always;
 ControlNet (§3) when a ControlNet was configured (the demo model brings its own) and a layer has a
-`control_weight` > 0.
+`control_weight` > 0. Reference attention (core/reference.py) for every layer with
+``appearance: "reference"`` and an `appearance_weight` > 0.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from dataclasses import dataclass
 from functools import partial
 
 from .attention import masked_attention_hook
-from .collage import Collage
+from .collage import Collage, appearance_mode
 from .control import CannyDetector, controlnet_hook, load_controlnet, missing_controlnet_warning
 from .demo_model import DEMO_MODEL_ID, DEMO_VERSION
 from .models import ModelLoadError
+from .reference import reference_attention_hook
 from .regional import regional_hook
 from .self_attention import self_attention_hook
 
@@ -39,6 +41,7 @@ class EngineOptions:
     control_end: float = 1.0  # fraction after which it stops
     canny_low: int = 100
     canny_high: int = 200
+    reference_end: float = 1.0  # fraction of the schedule (from pure noise) reference layers act in
 
 
 def build_hooks(
@@ -63,12 +66,21 @@ def build_hooks(
         hooks.append(
             partial(regional_hook, weight=options.regional_weight, schedule=options.attention_schedule)
         )
-    if options.self_attention_weight:
+    # Reference attention and self-attention modulation both replace the attn1 processors and do
+    # not compose yet: a collage with a reference layer (weight > 0) runs reference attention
+    # without the modulation (docs/appearance.md).
+    uses_reference = any(
+        appearance_mode(layer.appearance) == "reference" and layer.appearance_weight > 0
+        for layer in collage.layers
+    )
+    if options.self_attention_weight and not uses_reference:
         hooks.append(
             partial(
                 self_attention_hook, weight=options.self_attention_weight, schedule=options.attention_schedule
             )
         )
+    if uses_reference:
+        hooks.append(partial(reference_attention_hook, end=options.reference_end))
     controlnet = None
     ref = options.controlnet
     family = getattr(model, "family", None)

@@ -67,7 +67,7 @@ def test_collage_field_errors(overrides, expected):
         (Layer("x", square(), opacity=2.0), ".opacity: must be in 0..1"),
         (Layer("x", square(), attention_weight=float("inf")), ".attention_weight: must be in 0..10"),
         (Layer("x", square(), control_weight=-1.0), ".control_weight: must be in 0..2"),
-        (Layer("x", square(), appearance="yes"), ".appearance: must be true or false"),
+        (Layer("x", square(), appearance="yes"), '.appearance: must be "off", "learned", "reference"'),
         (Layer("x", square(), offset=(1.5, 2)), ".offset: must be two whole numbers"),
         (Layer("x", square(), offset=(64, 0)), "lies entirely outside the 64×64 canvas"),
         (Layer("x", square(), offset=(-16, 0)), "lies entirely outside"),

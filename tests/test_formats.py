@@ -225,7 +225,12 @@ def test_ora_settings_entry(tmp_path: Path):
         "scheduler": "ddim",
         "layers": {
             "Layer 3": {"text": "a green mug", "attention_weight": 2.0, "appearance": True},
-            "a book": {"strength": 0.4, "control_weight": 0.5},
+            "a book": {
+                "strength": 0.4,
+                "control_weight": 0.5,
+                "appearance": "reference",
+                "appearance_weight": 3,
+            },
             "gone": {"strength": 0.1},
         },
     }
@@ -236,6 +241,7 @@ def test_ora_settings_entry(tmp_path: Path):
     book, mug = c.layers
     assert (mug.text, mug.name, mug.attention_weight, mug.appearance) == ("a green mug", "Layer 3", 2.0, True)
     assert (book.strength, book.control_weight) == (0.4, 0.5)
+    assert (book.appearance, book.appearance_weight) == ("reference", 3)
     assert c.layer_strength(mug) == c.strength
     assert has_warning(doc, "'gone'", "no layer has that name")
     c.validate()
@@ -263,7 +269,11 @@ def test_ora_sidecar_settings(tmp_path: Path):
         ({"guidence_scale": 7}, "unknown key 'guidence_scale'"),
         ({"seed": "7"}, "seed: must be a whole number"),
         ({"layers": {"a": {"strenght": 0.5}}}, "unknown key 'strenght'"),
-        ({"layers": {"a": {"appearance": 1}}}, "appearance: must be true or false"),
+        (
+            {"layers": {"a": {"appearance": 1}}},
+            'appearance: must be true, false, "off", "learned" or "reference"',
+        ),
+        ({"layers": {"a": {"appearance_weight": "x"}}}, "appearance_weight: must be a number"),
         ({"version": 99}, "version"),
     ],
 )

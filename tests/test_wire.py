@@ -162,7 +162,9 @@ def test_any_canvas_size_from_64_is_valid():
         (dict(strength=2), "layers[1].strength: must be in 0..1"),
         (dict(attention_weight=11), "layers[1].attention_weight: must be in 0..10"),
         (dict(control_weight=float("nan")), "layers[1].control_weight: must be in 0..2"),
-        (dict(appearance=1), "layers[1].appearance: must be true or false"),
+        (dict(appearance=1), 'layers[1].appearance: must be "off", "learned", "reference"'),
+        (dict(appearance="ref"), "layers[1].appearance: must be"),
+        (dict(appearance_weight=11.0), "layers[1].appearance_weight: must be in 0..10"),
         (dict(visible="yes"), "layers[1].visible: must be true or false"),
         (dict(name=3), "layers[1].name: must be text"),
     ],
@@ -308,3 +310,25 @@ def test_clip_skip_reaches_the_collage(tmp_path):
     assert to_collage(small_request(clip_skip=2), config).collage.clip_skip == 2
     assert to_collage(small_request(), config).collage.clip_skip is None  # the model's default
     assert small_request(clip_skip=2).validate() == []
+
+
+def test_appearance_choices_round_trip_and_reach_the_collage(tmp_path):
+    """`appearance` takes "off" / "learned" / "reference" and the older true / false; with
+    `appearance_weight` it reaches the engine's layer as sent."""
+    from bridge_server.config import BridgeConfig
+    from bridge_server.convert import to_collage
+    from core.collage import appearance_mode
+
+    config = BridgeConfig(data_dir=tmp_path)
+    for value, mode in (
+        (True, "learned"),
+        (False, "off"),
+        ("learned", "learned"),
+        ("reference", "reference"),
+    ):
+        req = request()
+        req.layers[0] = dataclasses.replace(req.layers[0], appearance=value, appearance_weight=2.5)
+        back = wire.JobRequest.from_json(req.to_json())
+        assert back == req and back.validate() == []
+        layer = to_collage(back, config).collage.layers[0]
+        assert appearance_mode(layer.appearance) == mode and layer.appearance_weight == 2.5

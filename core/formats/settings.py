@@ -10,7 +10,8 @@ Schema (every key optional; unknown keys are errors so that typos do not pass si
       "clip_skip": null,                   # 1 = last layer, 2 = penultimate; null = the model's
       "layers": {                          # keyed by the layer's name in the document
         "Layer 3": {"text": "salmon sushi", "strength": 0.6, "attention_weight": 1.0,
-                    "control_weight": 0.0, "appearance": false}
+                    "control_weight": 0.0, "appearance": false,   # or "learned", "reference"
+                    "appearance_weight": 1.0}
       },
       "results": ["collage result (seed 0)"]   # generated layers, skipped when reading
     }
@@ -24,7 +25,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..collage import Collage, Layer
+from ..collage import Collage, Layer, appearance_mode
 
 SETTINGS_VERSION = 1
 SETTINGS_ENTRY = "collage.json"  # zip entry in an ORA, and the sidecar's suffix for a PSD
@@ -33,6 +34,7 @@ _NUMBER = "a number"
 _WHOLE = "a whole number"
 _TEXT = "text"
 _BOOL = "true or false"
+_APPEARANCE = 'true, false, "off", "learned" or "reference"'
 
 #: collage-level keys → the type they must have (also the keys `DocumentSettings` applies).
 COLLAGE_KEYS: dict[str, str] = {
@@ -54,13 +56,15 @@ LAYER_KEYS: dict[str, str] = {
     "strength": _NUMBER,
     "attention_weight": _NUMBER,
     "control_weight": _NUMBER,
-    "appearance": _BOOL,
+    "appearance": _APPEARANCE,
+    "appearance_weight": _NUMBER,
 }
 _LAYER_DEFAULTS: dict[str, Any] = {
     "strength": None,
     "attention_weight": 1.0,
     "control_weight": 0.0,
     "appearance": False,
+    "appearance_weight": 1.0,
 }
 
 
@@ -95,6 +99,8 @@ def check_value(value: object, kind: str, *, nullable: bool = False) -> bool:
         return isinstance(value, str)
     if kind == _BOOL:
         return isinstance(value, bool)
+    if kind == _APPEARANCE:
+        return appearance_mode(value) is not None
     if isinstance(value, bool):
         return False
     if kind == _WHOLE:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..collage import Collage
+from ..collage import Collage, appearance_mode
 from ..compositing import CompositeResult
 from ..progress import CancelFlag, ProgressCallback
 from . import recipe
@@ -42,7 +42,7 @@ def appearance_tokens(
     error or cancel) the tokenizer and the text encoder's embedding matrix are restored.
     """
     layers = flat.layers
-    if not any(layer.appearance for layer in layers):
+    if not any(appearance_mode(layer.appearance) == "learned" for layer in layers):
         yield [None] * len(layers)
         return
     settings = settings or recipe.DEFAULT_SETTINGS
@@ -56,7 +56,7 @@ def appearance_tokens(
 
     keys: list[str | None] = [None] * len(layers)
     for i, layer in enumerate(layers):
-        if not layer.appearance:
+        if appearance_mode(layer.appearance) != "learned":
             continue
         if not layer.image[..., 3].any():
             log.warning("layer '%s' is fully transparent: no appearance to learn", layer.text)

@@ -19,6 +19,9 @@ from .wire_fields import (
 from .wire_png import crop_to_content, encode_png
 from .wire_protocol import API_VERSION, OUTPUTS, SCHEDULERS, Limits, WireError
 
+#: A layer's `appearance` choices (besides the older true = "learned" and false = "off").
+APPEARANCE_MODES = ("off", "learned", "reference")
+
 MAX_LORAS = 8
 MAX_LORA_WEIGHT = 4.0  # as core.loras.MAX_WEIGHT
 MAX_CLIP_SKIP = 12  # as core.collage.MAX_CLIP_SKIP
@@ -41,7 +44,10 @@ class LayerSpec:
     strength: float | None = None  # SDEdit strength of this layer; None = the job's `strength`
     attention_weight: float = 1.0  # masked cross-attention weight, 0..10 (0 = off)
     control_weight: float = 0.0  # ControlNet weight inside this layer, 0..2 (0 = off)
-    appearance: bool = False  # learn this layer's look as a textual-inversion token
+    # False/"off"; True/"learned" (a textual-inversion token learned from the layer's pixels);
+    # "reference" (masked reference attention to the layer's own pixels, no training)
+    appearance: bool | str = False
+    appearance_weight: float = 1.0  # weight of the reference, 0..10 (0 = off); "reference" only
 
     def to_dict(self) -> dict:
         return _encode(self)
@@ -292,9 +298,14 @@ class JobRequest:
                         f"{w}.x, y: the layer ({lw}×{lh} at {layer.x},{layer.y}) lies entirely outside"
                         f" the {cw}×{ch} canvas"
                     )
-            for name in ("visible", "appearance"):
-                if not isinstance(getattr(layer, name), bool):
-                    p.append(f"{w}.{name}: must be true or false, got {getattr(layer, name)!r}")
+            if not isinstance(layer.visible, bool):
+                p.append(f"{w}.visible: must be true or false, got {layer.visible!r}")
+            if not isinstance(layer.appearance, bool) and layer.appearance not in APPEARANCE_MODES:
+                p.append(
+                    f'{w}.appearance: must be "off", "learned", "reference", true (= "learned") or'
+                    f' false (= "off"), got {layer.appearance!r}'
+                )
+            _check_number(p, f"{w}.appearance_weight", layer.appearance_weight, 0.0, 10.0)
             _check_number(p, f"{w}.opacity", layer.opacity, 0.0, 1.0)
             if layer.strength is not None:
                 _check_number(p, f"{w}.strength", layer.strength, 0.0, 1.0)
