@@ -303,6 +303,28 @@ def masked_attention_hook(
     )
 
 
+def project_heads(attn, hidden_states: torch.Tensor, context: torch.Tensor):
+    """Query from `hidden_states`, key and value from `context` (the same tensor for
+    self-attention), each (B, heads, N, head_dim), with `attn`'s query/key norms: the projection
+    every processor here shares with diffusers' `AttnProcessor2_0`."""
+    batch = hidden_states.shape[0]
+    query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
+def project_out(attn, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, heads, N, head_dim) attention output → `attn`'s output projection, (B, N, C)."""
+    batch, heads, _, head_dim = out.shape
+    out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(dtype)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
 def layer_max_scores(
     query: torch.Tensor, key: torch.Tensor, factors: _Factors, mode: str = "exact"
 ) -> torch.Tensor:
@@ -377,26 +399,12 @@ class MaskedCrossAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_heads(attn, hidden_states, encoder_hidden_states)
 
         hidden_states = self._attend(attn, query, key, value, attention_mask, seq_len, n_tokens)
-
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
+        hidden_states = project_out(attn, hidden_states, query.dtype)
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:

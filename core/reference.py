@@ -31,6 +31,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from .attention import project_heads, project_out
 from .collage import appearance_mode
 from .compositing import mask_pyramid, unet_feature_sizes
 
@@ -207,17 +208,7 @@ class ReferenceSelfAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_heads(attn, hidden_states, hidden_states)
 
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
@@ -227,10 +218,7 @@ class ReferenceSelfAttnProcessor:
         else:
             out = self._read(attn, query, key, value, out, seq_len)
 
-        out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        out = out.to(query.dtype)
-        out = attn.to_out[0](out)
-        out = attn.to_out[1](out)
+        out = project_out(attn, out, query.dtype)
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:

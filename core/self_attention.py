@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attention import Schedule, get_schedule
+from .attention import Schedule, get_schedule, project_heads, project_out
 from .regional import level_masks
 
 # Levels with more pixels than this run without the bias: its (P, P) matrix grows with the
@@ -159,23 +159,14 @@ class SelfAttnModulationProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         batch = hidden_states.shape[0]
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (
-            t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value)
-        )
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_heads(attn, hidden_states, hidden_states)
         # The unconditional rows without a mask (SDPA's fastest kernel), the conditional ones with it.
         start = self.hook.conditional_start(batch)
         out = F.scaled_dot_product_attention(query[start:], key[start:], value[start:], attn_mask=bias)
         if start:
             plain = F.scaled_dot_product_attention(query[:start], key[:start], value[:start])
             out = torch.cat([plain, out])
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
+        out = project_out(attn, out, query.dtype)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
