@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from core.engine_arguments import add_spatial_arguments
 from core.verbosity import DEBUG_ENV, debug_requested, set_verbose
 from krita_plugin.collage_diffusion import wire
 
@@ -23,17 +24,6 @@ from .config import BridgeConfig, default_data_dir
 
 TOKEN_ENV = "COLLAGE_BRIDGE_TOKEN"
 MIB = 1024 * 1024
-
-
-def _non_negative(text: str) -> float:
-    """argparse type of a weight: a number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -74,17 +64,7 @@ def parser() -> argparse.ArgumentParser:
         default="ediffi",
         help="g(sigma) of masked attention",
     )
-    p.add_argument(
-        "--regional-weight",
-        type=_non_negative,
-        help="regional conditioning: how much each layer's pixels read the layer's own text (0 off;"
-        " default: the engine's, docs/attention.md)",
-    )
-    p.add_argument(
-        "--self-attention-weight",
-        type=_non_negative,
-        help="self-attention modulation inside the layers' masks (0 off; default: the engine's)",
-    )
+    add_spatial_arguments(p)
     p.add_argument(
         "--controlnet",
         help="a Canny ControlNet for the model: hub id, folder or file (the demo model brings its own)",

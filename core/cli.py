@@ -19,19 +19,9 @@ import time
 from pathlib import Path
 
 from .collage import SCHEDULERS, CollageError, appearance_mode
+from .engine_arguments import add_spatial_arguments
 from .progress import FILL_PHASE
 from .verbosity import DEBUG_ENV, debug_requested, set_verbose
-
-
-def _non_negative(text: str) -> float:
-    """argparse type of a weight: a number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -126,17 +116,7 @@ def _parser() -> argparse.ArgumentParser:
         default="ediffi",
         help="g(sigma) of masked attention",
     )
-    pieces.add_argument(
-        "--regional-weight",
-        type=_non_negative,
-        help="regional conditioning: how much each layer's pixels read the layer's own text (0 off;"
-        " default: the engine's, docs/attention.md)",
-    )
-    pieces.add_argument(
-        "--self-attention-weight",
-        type=_non_negative,
-        help="self-attention modulation inside the layers' masks (0 off; default: the engine's)",
-    )
+    add_spatial_arguments(pieces)
     pieces.add_argument(
         "--controlnet",
         help="a Canny ControlNet for the model: hub id, folder or file, or its name in --models-dir "
