@@ -8,7 +8,7 @@ Deterministic (fixed seed, fixed zip dates), so re-running it rewrites identical
 ``bento`` and ``room`` are 256×256 with a few flat-coloured objects, for real Stable Diffusion
 models. ``shapes.ora`` is 64×64 and speaks the demo model's language (docs/demo_model.md): coloured
 shapes on grass, one layer per shape, with masked attention, ControlNet and per-layer strength in
-use (switch a layer's appearance on in the Krita dock or collage.json to try textual inversion).
+use (set a layer's look to "learned" in the Krita dock, or its appearance in collage.json, to try textual inversion).
 """
 
 from __future__ import annotations

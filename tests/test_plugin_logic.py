@@ -113,12 +113,42 @@ def test_settings_round_trip():
         prompt="a cat", negative_prompt="blur", seed=2**40, steps=12, size_policy="768", variants=3
     )
     s.layers["{a}"] = LayerSettings(
-        name="cat", text="a ginger cat", strength=0.3, attention_weight=2.5, appearance=True
+        name="cat",
+        text="a ginger cat",
+        strength=0.3,
+        attention_weight=2.5,
+        appearance="reference",
+        appearance_weight=2.5,
     )
+    s.layers["{b}"] = LayerSettings(name="ball", appearance="learned")
     s.results_group = "{g}"
     again = DocumentSettings.from_json(s.to_json())
     assert again == s
     assert json.loads(s.to_json())["version"] == settings.VERSION
+    assert json.loads(s.to_json())["layers"]["{a}"]["appearance"] == "reference"
+
+
+def test_settings_appearance_of_older_documents_and_bad_values():
+    """Before the modes, `appearance` was a bool: true meant the textual inversion ("learned")."""
+    saved = {
+        "layers": {
+            "{a}": {"name": "cat", "appearance": True},
+            "{b}": {"name": "ball", "appearance": False},
+            "{c}": {"name": "sign", "appearance": "ip-adapter", "appearance_weight": 42},
+            "{d}": {"name": "rug", "appearance": 1, "appearance_weight": "heavy"},
+            "{e}": {"name": "tree"},
+        }
+    }
+    layers = DocumentSettings.from_json(json.dumps(saved)).layers
+    assert {uid: (s.appearance, s.appearance_weight) for uid, s in layers.items()} == {
+        "{a}": ("learned", 1.0),
+        "{b}": ("off", 1.0),
+        "{c}": ("off", 10.0),  # an unknown mode is off; the weight clamped to 0..10
+        "{d}": ("off", 1.0),
+        "{e}": ("off", 1.0),
+    }
+    from_file = DocumentSettings.from_file_settings({"layers": {"cat": {"appearance": True}}})
+    assert from_file.layers["name:cat"].appearance == "learned"
 
 
 @pytest.mark.parametrize("text", [None, "", b"", "not json", "[1, 2]", "null", b"\xff\xfe"])
@@ -324,7 +354,11 @@ def test_build_request_from_records_and_settings():
     layers = {
         "{rug}": LayerSettings(strength=0.2),
         "{cat}": LayerSettings(
-            text="a ginger cat", attention_weight=2.0, control_weight=0.5, appearance=True
+            text="a ginger cat",
+            attention_weight=2.0,
+            control_weight=0.5,
+            appearance="reference",
+            appearance_weight=2.5,
         ),
         "{x}": LayerSettings(enabled=False),
     }
@@ -340,14 +374,14 @@ def test_build_request_from_records_and_settings():
         ("a ginger cat", "cat", 8, 8),
     ]
     cat = r.layers[1]
-    assert (cat.opacity, cat.strength, cat.attention_weight, cat.control_weight, cat.appearance) == (
-        0.5, 0.75, 2.0, 0.5, True
-    )  # fmt: skip
-    assert r.layers[0].strength == 0.2
+    assert (cat.opacity, cat.strength, cat.attention_weight, cat.control_weight) == (0.5, 0.75, 2.0, 0.5)
+    assert (cat.appearance, cat.appearance_weight) == ("reference", 2.5)
+    assert (r.layers[0].strength, r.layers[0].appearance) == (0.2, "off")
     assert plan.uids == ["{rug}", "{cat}"] and plan.doc_size == (128, 128)
     # the request survives the wire
     again = wire.JobRequest.from_json(r.to_json())
     assert again.layers[1].png == cat.png and again.validate() == []
+    assert (again.layers[1].appearance, again.layers[1].appearance_weight) == ("reference", 2.5)
 
 
 def test_build_request_variants_and_regenerate():

@@ -223,6 +223,7 @@ def build_request(
                 attention_weight=s.attention_weight,
                 control_weight=s.control_weight,
                 appearance=s.appearance,
+                appearance_weight=s.appearance_weight,
             )
         )
     if not records:

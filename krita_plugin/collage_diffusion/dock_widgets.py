@@ -17,6 +17,14 @@ MARK_TIPS = {
     "not described": "Its name says nothing about what it shows: type what it shows here.",
     "the background": "The bottom 'Background' is the image's background; type a text to make it an object.",
 }
+#: The "look" choices (the wire's appearance modes) and what each does, as the combo's tooltip.
+LOOKS = ("off", "reference", "learned")
+LOOK_TIP = (
+    "Keep this layer's look in the result:\n"
+    "off: only its text and region guide it\n"
+    "reference: training-free, uses the layer's own pixels (weight: how strongly)\n"
+    "learned: textual inversion of the layer, slow the first time (then cached)"
+)
 KIND_MARKS = {"paintlayer": "", "vectorlayer": " (vector)", "filelayer": " (file)", "filllayer": " (fill)"}
 
 
@@ -57,7 +65,7 @@ class Slider(W.QWidget):
 
 
 class LayerRow(W.QFrame):
-    """One layer: take part or not, its text, strength, attention and control weights, appearance."""
+    """One layer: take part or not, its text, strength, attention and control weights, its look."""
 
     changed = qt.pyqtSignal()
 
@@ -73,10 +81,21 @@ class LayerRow(W.QFrame):
         self.enabled.setToolTip(
             "Take part in the collage" + (f" (in {' / '.join(info.path)})" if info.path else "")
         )
-        self.appearance = W.QCheckBox("appearance")
-        self.appearance.setToolTip("Learn this layer's look (textual inversion) so the result keeps it")
+        self.look_label = W.QLabel("look:")
+        self.appearance = W.QComboBox()
+        self.appearance.addItems(list(LOOKS))
+        self.appearance.setToolTip(LOOK_TIP)
+        self.look_label.setToolTip(LOOK_TIP)
+        self.appearance_weight = W.QDoubleSpinBox()
+        self.appearance_weight.setRange(0.0, 10.0)
+        self.appearance_weight.setSingleStep(0.5)
+        self.appearance_weight.setDecimals(1)
+        self.appearance_weight.setValue(1.0)
+        self.appearance_weight.setToolTip("How strongly the reference keeps the layer's look (0: not at all)")
         top.addWidget(self.enabled, 1)
+        top.addWidget(self.look_label)
         top.addWidget(self.appearance)
+        top.addWidget(self.appearance_weight)
         layout.addLayout(top)
         self.mark = W.QLabel()  # why the layer will not take part (collage.layer_marks), if so
         self.mark.setWordWrap(True)
@@ -110,17 +129,20 @@ class LayerRow(W.QFrame):
             slider.changed.connect(lambda _v: self.changed.emit())
         layout.addLayout(sliders)
         self.enabled.toggled.connect(self._on_enabled)
-        self.appearance.toggled.connect(lambda _v: self.changed.emit())
+        self.appearance.currentIndexChanged.connect(self._on_look)
+        self.appearance_weight.valueChanged.connect(lambda _v: self.changed.emit())
         self.text.textEdited.connect(lambda _t: self.changed.emit())
 
     def load(self, s: LayerSettings) -> None:
-        for widget in (self.enabled, self.appearance, self.text):
+        quiet = (self.enabled, self.appearance, self.appearance_weight, self.text)
+        for widget in quiet:
             widget.blockSignals(True)
         self._wanted = s.enabled
         self.enabled.setChecked(s.enabled and not self.reason)
-        self.appearance.setChecked(s.appearance)
+        self.appearance.setCurrentIndex(LOOKS.index(s.appearance) if s.appearance in LOOKS else 0)
+        self.appearance_weight.setValue(s.appearance_weight)
         self.text.setText(s.text)
-        for widget in (self.enabled, self.appearance, self.text):
+        for widget in quiet:
             widget.blockSignals(False)
         self.strength.set_value(s.strength)
         self.attention.set_value(s.attention_weight)
@@ -129,11 +151,16 @@ class LayerRow(W.QFrame):
 
     def store(self, s: LayerSettings) -> None:
         s.enabled = self._wanted
-        s.appearance = self.appearance.isChecked()
+        s.appearance = LOOKS[max(0, self.appearance.currentIndex())]
+        s.appearance_weight = self.appearance_weight.value()
         s.text = self.text.text()
         s.strength = self.strength.value()
         s.attention_weight = self.attention.value()
         s.control_weight = self.control.value()
+
+    def _on_look(self, _index: int) -> None:
+        self._show_enabled(self._wanted)
+        self.changed.emit()
 
     def _on_enabled(self, on: bool) -> None:
         self._wanted = on
@@ -160,6 +187,8 @@ class LayerRow(W.QFrame):
 
     def _show_enabled(self, on: bool) -> None:
         on = on and not self.reason
-        for widget in (self.strength, self.attention, self.control, self.appearance):
+        for widget in (self.strength, self.attention, self.control, self.look_label, self.appearance):
             widget.setEnabled(on)
+        # the weight is the reference's alone
+        self.appearance_weight.setEnabled(on and self.appearance.currentText() == "reference")
         self.text.setEnabled(on or (self._wanted and self.reason in self.FIXED_BY_TEXT))

@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 
-from .wire_request import MAX_LORA_WEIGHT
+from .wire_request import APPEARANCE_MODES, MAX_LORA_WEIGHT
 
 #: The annotation's type in the document (and in the .kra file: ``annotations/collage-diffusion``).
 ANNOTATION_TYPE = "collage-diffusion"
@@ -48,6 +48,7 @@ RANGES = {
     "guidance_scale": (0.0, 100.0),
     "attention_weight": (0.0, 10.0),
     "control_weight": (0.0, 2.0),
+    "appearance_weight": (0.0, 10.0),
 }
 
 
@@ -59,7 +60,8 @@ class LayerSettings:
     strength: float = 0.75  # how much this layer's region may change (SDEdit strength)
     attention_weight: float = 1.0
     control_weight: float = 0.0
-    appearance: bool = False  # learn this layer's look (textual inversion)
+    appearance: str = "off"  # keep the layer's look: "off", "reference" or "learned" (docs/appearance.md)
+    appearance_weight: float = 1.0  # how strongly "reference" keeps it, 0..10
 
 
 @dataclass
@@ -127,7 +129,7 @@ class DocumentSettings:
         if isinstance(layers, dict):
             for uid, entry in layers.items():
                 if isinstance(uid, str) and isinstance(entry, dict):
-                    settings.layers[uid] = LayerSettings(**_read(LayerSettings, entry))
+                    settings.layers[uid] = _read_layer(entry)
         return settings
 
     @classmethod
@@ -149,9 +151,7 @@ class DocumentSettings:
                     values = {"strength": settings.strength, **entry}  # null/absent: the collage's
                     if values["strength"] is None:
                         values["strength"] = settings.strength
-                    settings.layers[f"name:{name}"] = LayerSettings(
-                        name=name, **_read(LayerSettings, values, skip=("name",))
-                    )
+                    settings.layers[f"name:{name}"] = _read_layer(values, name=name)
         return settings
 
     # -- layers ----------------------------------------------------------------------------------
@@ -213,6 +213,18 @@ def _read_loras(data: object) -> list[LoraChoice]:
         weight = min(MAX_LORA_WEIGHT, max(-MAX_LORA_WEIGHT, float(weight))) if usable else 1.0
         out.append(LoraChoice(entry["name"].strip(), round(weight, 4)))
     return out
+
+
+def _read_layer(entry: dict, **fixed) -> LayerSettings:
+    """One layer's saved settings; `appearance` was a bool before it became a mode (true: the
+    textual inversion, now "learned"), and an unknown mode reads as "off"."""
+    values = dict(entry)
+    if isinstance(values.get("appearance"), bool):
+        values["appearance"] = "learned" if values["appearance"] else "off"
+    layer = LayerSettings(**fixed, **_read(LayerSettings, values, skip=tuple(fixed)))
+    if layer.appearance not in APPEARANCE_MODES:
+        layer.appearance = "off"
+    return layer
 
 
 def _read(cls: type, data: dict, skip: tuple[str, ...] = ()) -> dict:

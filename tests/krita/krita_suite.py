@@ -381,7 +381,7 @@ def settings_survive_save_and_reopen(report):
         resolved[cat].text, resolved[cat].attention_weight, resolved[cat].appearance = (
             "a ginger cat",
             2.5,
-            True,
+            "reference",
         )
         resolved[ball].enabled, resolved[ball].strength, resolved[ball].control_weight = False, 0.3, 0.8
         settings.update_layers(resolved)
@@ -399,7 +399,9 @@ def settings_survive_save_and_reopen(report):
         resolved = again.resolve([(n.uid, n.name) for n in listed])
         cat = next(n.uid for n in listed if n.name == "cat")
         assert_eq(
-            (resolved[cat].text, resolved[cat].appearance), ("a ginger cat", True), "cat's settings by uid"
+            (resolved[cat].text, resolved[cat].appearance),
+            ("a ginger cat", "reference"),
+            "cat's settings by uid",
         )
         report["detail"] = f"{len(again.layers)} layer entries survived in {path.name}"
     finally:

@@ -101,6 +101,7 @@ def writing_results(report):
 @check
 def dock_panel(report):
     from collage_diffusion import dock, document, qt
+    from collage_diffusion.settings import LayerSettings
 
     doc = fakekrita.sample_stack()
 
@@ -138,6 +139,24 @@ def dock_panel(report):
     eq(stored.prompt, "a cat", "prompt stored")
     entry = stored.layers[cat.info.uid]
     eq((entry.text, entry.attention_weight), ("a ginger cat", 2.0), "row stored")
+    # the look: the weight is the reference's alone
+    eq(
+        [cat.appearance.itemText(i) for i in range(cat.appearance.count())],
+        ["off", "reference", "learned"],
+        "looks",
+    )
+    eq((cat.appearance.currentText(), cat.appearance_weight.isEnabled()), ("off", False), "look off")
+    cat.appearance.setCurrentIndex(1)
+    eq(cat.appearance_weight.isEnabled(), True, "reference: weight enabled")
+    cat.appearance_weight.setValue(2.5)
+    panel.save_settings()
+    entry = document.load_settings(doc).layers[cat.info.uid]
+    eq((entry.appearance, entry.appearance_weight), ("reference", 2.5), "look stored")
+    cat.appearance.setCurrentIndex(2)
+    eq(cat.appearance_weight.isEnabled(), False, "learned: no weight")
+    cat.load(LayerSettings(appearance="reference", appearance_weight=3.0))
+    eq((cat.appearance.currentText(), cat.appearance_weight.value()), ("reference", 3.0), "look loaded")
+    eq(cat.appearance_weight.isEnabled(), True, "loaded reference: weight enabled")
     panel.resize(360, 900)
     panel.show()
     qt.spin(lambda: False, 50)
