@@ -66,9 +66,8 @@ def build_hooks(
         hooks.append(
             partial(regional_hook, weight=options.regional_weight, schedule=options.attention_schedule)
         )
-    # Reference attention and self-attention modulation both replace the attn1 processors and do
-    # not compose yet: a collage with a reference layer (weight > 0) runs reference attention
-    # without the modulation (docs/appearance.md).
+    # Reference attention and self-attention modulation both need the attn1 processors: with a
+    # reference layer (weight > 0) the reference processor applies the modulation's bias itself.
     uses_reference = any(
         appearance_mode(layer.appearance) == "reference" and layer.appearance_weight > 0
         for layer in collage.layers
@@ -80,7 +79,14 @@ def build_hooks(
             )
         )
     if uses_reference:
-        hooks.append(partial(reference_attention_hook, end=options.reference_end))
+        hooks.append(
+            partial(
+                reference_attention_hook,
+                end=options.reference_end,
+                self_attention_weight=options.self_attention_weight,
+                schedule=options.attention_schedule,
+            )
+        )
     controlnet = None
     ref = options.controlnet
     family = getattr(model, "family", None)

@@ -75,6 +75,9 @@ class ReferenceAttention:
         self.bank: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self._sigma = 0.0
         self._active = False
+        # Self-attention modulation (core/self_attention.py) for the same generation, if on: both
+        # need the attn1 processors, so this processor applies its bias too.
+        self.modulation = None
         self.processor = ReferenceSelfAttnProcessor(self)
 
     # --- the SamplerHook protocol ---
@@ -100,6 +103,8 @@ class ReferenceAttention:
             self.mode = "off"
 
     def on_step(self, step) -> None:
+        if self.modulation is not None:
+            self.modulation.on_step(step)
         self._sigma = float(step.sigma)
         self._active = float(step.timestep) >= (1.0 - self.end) * self.train_timesteps - 1e-6
         if step.index == 0:
@@ -131,9 +136,12 @@ class ReferenceAttention:
         return {}
 
 
-def reference_attention_hook(setup, *, end: float = 1.0) -> ReferenceAttention | None:
+def reference_attention_hook(
+    setup, *, end: float = 1.0, self_attention_weight: float = 0.0, schedule: str = "ediffi"
+) -> ReferenceAttention | None:
     """Build the hook for one generation (a `core.generate` hook builder); None when no layer has
-    ``appearance: "reference"`` with an `appearance_weight` > 0."""
+    ``appearance: "reference"`` with an `appearance_weight` > 0. With `self_attention_weight` > 0
+    it also applies self-attention modulation (`core.self_attention`) on the main pass."""
     from .generate import VaeCodec, image_to_tensor  # generate does not import us
 
     flat, model = setup.flat, setup.model
@@ -160,7 +168,7 @@ def reference_attention_hook(setup, *, end: float = 1.0) -> ReferenceAttention |
         )
         query_masks[sh * sw] = masks
         key_masks[sh * sw] = masks > 0.5
-    return ReferenceAttention(
+    hook = ReferenceAttention(
         z_ref,
         query_masks,
         key_masks,
@@ -169,6 +177,11 @@ def reference_attention_hook(setup, *, end: float = 1.0) -> ReferenceAttention |
         end=end,
         train_timesteps=int(getattr(pipe.scheduler.config, "num_train_timesteps", 1000)),
     )
+    if self_attention_weight:
+        from .self_attention import self_attention_hook
+
+        hook.modulation = self_attention_hook(setup, weight=self_attention_weight, schedule=schedule)
+    return hook
 
 
 class ReferenceSelfAttnProcessor:
@@ -194,6 +207,10 @@ class ReferenceSelfAttnProcessor:
         hook = self.hook
         special = encoder_hidden_states is not None or attention_mask is not None
         if special or hook.mode == "off":
+            if hook.modulation is not None:
+                return hook.modulation.processor(
+                    attn, hidden_states, encoder_hidden_states, attention_mask, temb
+                )
             from diffusers.models.attention_processor import AttnProcessor2_0
 
             return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
@@ -210,13 +227,18 @@ class ReferenceSelfAttnProcessor:
 
         query, key, value = project_heads(attn, hidden_states, hidden_states)
 
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
-        )
+        # The main pass takes the modulation's bias on its conditional rows (the reference pass
+        # reads the reference image as it is).
+        modulation = hook.modulation if hook.mode == "read" else None
+        bias = modulation.bias(seq_len, query.dtype, query.device) if modulation is not None else None
+        start = modulation.conditional_start(batch_size) if bias is not None else 0
+        out = F.scaled_dot_product_attention(query[start:], key[start:], value[start:], attn_mask=bias)
+        if start:
+            out = torch.cat([F.scaled_dot_product_attention(query[:start], key[:start], value[:start]), out])
         if hook.mode == "write":
             self._store(attn, key, value, seq_len)
         else:
-            out = self._read(attn, query, key, value, out, seq_len)
+            out = self._read(attn, query, key, value, out, seq_len, bias, start)
 
         out = project_out(attn, out, query.dtype)
         if input_ndim == 4:
@@ -236,7 +258,9 @@ class ReferenceSelfAttnProcessor:
             entries.append((key[:, :, idx], value[:, :, idx]) if len(idx) else None)
         self.hook.bank[id(attn)] = entries
 
-    def _read(self, attn, query, key, value, out: torch.Tensor, seq_len: int) -> torch.Tensor:
+    def _read(
+        self, attn, query, key, value, out: torch.Tensor, seq_len: int, own_bias=None, start: int = 0
+    ) -> torch.Tensor:
         """Inside each layer's mask: attention over [own keys ; its reference keys], blended in by
         the soft mask. Every other query's row of `out` is left as it is."""
         hook = self.hook
@@ -254,7 +278,13 @@ class ReferenceSelfAttnProcessor:
             n_ref = k_ref.shape[2]
             keys = torch.cat([key, k_ref.to(key.dtype)], dim=2)  # the reference pass has the same rows
             values = torch.cat([value, v_ref.to(value.dtype)], dim=2)
-            bias = torch.zeros(1, 1, 1, seq_len + n_ref, dtype=query.dtype, device=query.device)
+            if own_bias is None:
+                bias = torch.zeros(1, 1, 1, seq_len + n_ref, dtype=query.dtype, device=query.device)
+            else:  # the modulation's (P, P) bias on the own keys of the conditional rows
+                bias = torch.zeros(
+                    query.shape[0], 1, len(idx), seq_len + n_ref, dtype=query.dtype, device=query.device
+                )
+                bias[start:, :, :, :seq_len] = own_bias[:, :, idx]
             bias[..., seq_len:] = hook.log_weights[j]
             q = query.index_select(2, idx)
             with_ref = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)

@@ -213,3 +213,53 @@ def test_appearance_values_and_errors():
     with pytest.raises(CollageError, match=r"appearance_weight: must"):
         collage(weight=-1.0).validate()
     collage().validate()
+
+
+def test_reference_applies_self_attention_modulation_too():
+    """With self-attention modulation on, the reference processor owns attn1 and applies the
+    modulation's bias itself: outside the reference masks (and whenever the reference is off) it
+    gives the modulation processor's output; inside, the reference moves it further."""
+    from core.self_attention import SelfAttentionModulation
+
+    torch.manual_seed(2)
+    attn = Attention(32, heads=4, dim_head=8).eval()
+    pixels = 48
+    x = torch.randn(2, pixels, 32)  # uncond + cond
+    ref = torch.randn(2, pixels, 32) * 3
+    masks = torch.zeros(1, pixels)
+    masks[0, 5:15] = 1.0
+    key_masks = masks > 0.5
+    segments = np.zeros((1, pixels), np.float32)
+    segments[0, 20:40] = 1.0  # the modulation's layer: another region
+    modulation = SelfAttentionModulation(
+        {pixels: segments}, 3.0, layers=[0], cfg=True, schedule=lambda s: 1.0
+    )
+    step = type("Step", (), {"sigma": 1.0, "timestep": 999.0, "index": 1})()
+    hook = _bank_hook(attn, x, masks, key_masks, 4.0)
+    hook.modulation = modulation
+    hook.on_step(step)
+    proc = ReferenceSelfAttnProcessor(hook)
+    outside = masks.sum(0) == 0
+    with torch.no_grad():
+        modulated = modulation.processor(attn, x)
+        assert not torch.equal(modulated, AttnProcessor2_0()(attn, x))  # the modulation acts
+        hook.mode = "off"
+        assert torch.equal(proc(attn, x), modulated)
+        hook.mode = "write"
+        assert torch.equal(proc(attn, ref), AttnProcessor2_0()(attn, ref))  # the reference pass: plain
+        hook.mode = "read"
+        out = proc(attn, x)
+        assert torch.allclose(out[:, outside], modulated[:, outside], atol=1e-6)
+        assert not torch.allclose(out[:, ~outside], modulated[:, ~outside], atol=1e-4)
+
+
+def test_engine_hooks_run_reference_with_the_modulation(demo_pipeline):
+    """build_hooks: a reference layer keeps self-attention modulation (through the reference
+    processor), so the self-attention weight still changes the image."""
+    art = collage(weight=2.0)
+    images = []
+    for sw in (0.0, 2.0):
+        hooks, _ = build_hooks(demo_pipeline, art, EngineOptions(self_attention_weight=sw))
+        assert [h.func.__name__ for h in hooks] == ["masked_attention_hook", "reference_attention_hook"]
+        images.append(generate(demo_pipeline, art, hooks=hooks).images[0].image)
+    assert not np.array_equal(*images)
