@@ -220,6 +220,13 @@ def set_prompt(
     document.save_settings(doc, settings)
 
 
+def changed_pixels(old_layer, new_layer) -> list[int]:
+    """Indices (y * SIZE + x) of the pixels whose BGRA bytes differ between two canvas-size layers."""
+    old = bytes(old_layer.pixelData(0, 0, SIZE, SIZE))
+    new = bytes(new_layer.pixelData(0, 0, SIZE, SIZE))
+    return [i // 4 for i in range(0, len(old), 4) if old[i : i + 4] != new[i : i + 4]]
+
+
 def result_layers(doc):
     from collage_diffusion import document
 
@@ -670,9 +677,7 @@ def regenerate_changes_only_that_layer(report):
         assert_eq(len(layers), 2, "regenerate wrote a new layer")
         if "regenerated cat" not in layers[-1].name():
             raise AssertionError(f"regenerate layer name: {layers[-1].name()!r}")
-        old = bytes(layers[0].pixelData(0, 0, SIZE, SIZE))
-        new = bytes(layers[1].pixelData(0, 0, SIZE, SIZE))
-        changed = [i // 4 for i in range(0, len(old), 4) if old[i : i + 4] != new[i : i + 4]]
+        changed = changed_pixels(layers[0], layers[1])
         if not changed:
             raise AssertionError("the regenerated result is identical to the base")
         x0, y0, w, h = pixels.dilate_box((16, 40, 32, 32), 8, SIZE, SIZE)
@@ -718,9 +723,7 @@ def regenerate_a_selection_changes_nothing_outside_it(report):
         assert_eq(len(layers), 2, "regenerate wrote a new layer, the first result kept")
         if "regenerated selection" not in layers[-1].name():
             raise AssertionError(f"regenerate layer name: {layers[-1].name()!r}")
-        old = bytes(layers[0].pixelData(0, 0, SIZE, SIZE))
-        new = bytes(layers[1].pixelData(0, 0, SIZE, SIZE))
-        changed = [i // 4 for i in range(0, len(old), 4) if old[i : i + 4] != new[i : i + 4]]
+        changed = changed_pixels(layers[0], layers[1])
         inside = [p for p in changed if 56 <= p % SIZE < 96 and 64 <= p // SIZE < 88]
         if not inside:
             raise AssertionError("nothing changed inside the selection")
