@@ -221,7 +221,7 @@ class Host:
 
 
 def sample_stack() -> Doc:
-    """A 64×64 collage of every case the reader handles (see tests/test_plugin_logic.py)."""
+    """A 64×64 collage of every case the reader handles (see tests/test_plugin_reading.py)."""
     return Doc(
         64,
         64,
