@@ -33,13 +33,15 @@ pytestmark = [
     ),
 ]
 
-#: The checks of tests/krita/krita_suite.py, in its order.
+#: The in-Krita checks (tests/krita/checks_*.py), in the order krita_suite.py runs them.
 CHECKS = [
     "read_collage",
     "background_layer_becomes_the_background",
     "reading_never_changes_the_document",
     "settings_survive_save_and_reopen",
     "ora_settings_come_with_the_file",
+    "layer_list_marks_left_out_layers",
+    "dock_panel_builds",
     "generate_writes_new_layers",
     "auto_size_follows_the_model",
     "dock_model_and_loras_saved_and_sent",
@@ -54,8 +56,6 @@ CHECKS = [
     "bridge_down_gives_a_clear_error",
     "bridge_errors_in_plain_words",
     "local_bridge_starts_and_stops",
-    "layer_list_marks_left_out_layers",
-    "dock_panel_builds",
 ]
 
 

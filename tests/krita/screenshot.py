@@ -4,7 +4,7 @@
     python tests/krita/screenshot.py --mid-job --out docs/images/dock-preview.png
 
 Installs the plugin (install_krita.py) into a throwaway HOME, with a small helper plugin that,
-once Krita's window is up, opens the test collage (krita_suite.build_document), shows the
+once Krita's window is up, opens the test collage (suite_common.build_document), shows the
 Collage Diffusion dock, generates two variants on a demo-model bridge started here, and grabs
 the screen (with --mid-job: while the job runs, its preview on the canvas, then cancels it and
 logs what Krita's undo does to the results group). Needs: krita, xvfb (``apt-get install krita xvfb python3-pyqt5``), and the project's
@@ -41,7 +41,7 @@ class Shot(Extension):
                 f.write(traceback.format_exc())
 
     def _run(self, out):
-        import krita_suite
+        import suite_common
         from collage_diffusion import document
 
         app = Krita.instance()
@@ -50,7 +50,7 @@ class Shot(Extension):
         window.qwindow().setGeometry(screen.availableGeometry())  # no window manager on Xvfb
         app.setBatchmode(True)  # no import dialogs (the SVG asks for a resolution otherwise)
         path = os.environ.get("COLLAGE_SHOT_DOCUMENT")
-        doc = app.openDocument(path) if path else krita_suite.build_document()
+        doc = app.openDocument(path) if path else suite_common.build_document()
         app.setBatchmode(False)
         doc.setBatchmode(False)
         window.addView(doc)
@@ -60,7 +60,7 @@ class Shot(Extension):
             # deadlock at the fit-to-view zoom a document opens with (docs/plugin.md).
             window.activeView().canvas().setZoomLevel(6.0)
         if not path:  # (a document of ours brings its own settings: collage.json in the .ora)
-            krita_suite.set_prompt(doc, "a red sign, a cat and a ball on green grass, picture book style", steps=6,
+            suite_common.set_prompt(doc, "a red sign, a cat and a ball on green grass, picture book style", steps=6,
                                    cat="a ginger cat", ball="a red ball", ground="green grass")
         settings = document.load_settings(doc)
         settings.variants = 2
