@@ -1,7 +1,8 @@
-"""The document's model and LoRAs against what a bridge lists in /info: the entries of the dock's
-model picker and LoRA list, and what a request sends. Standard library only (tested without Qt).
+"""The document's model, LoRAs and ControlNet against what a bridge lists in /info: the entries of
+the dock's model picker, LoRA list and ControlNet picker, and what a request sends. Standard
+library only (tested without Qt).
 
-A document keeps names (`DocumentSettings.model`, `.loras`), never paths. A name the bridge no
+A document keeps names (`DocumentSettings.model`, `.loras`, `.controlnet`), never paths. A name the bridge no
 longer lists stays in the document and is shown as such; Generate then refuses in plain words
 rather than sending it or quietly using another model (the painter chose it; a silent fallback
 would give a different picture without saying why).
@@ -141,9 +142,16 @@ def lora_options(
 
 def lora_mark(info: InfoResponse | None, family: str, name: str) -> str:
     """What is wrong with a chosen LoRA, in a few words ("" when nothing, or not connected)."""
-    if info is None:
-        return ""
-    entry = next((e for e in info.loras if e.name == name), None)
+    return _mark(info.loras, family, name) if info is not None else ""
+
+
+def controlnet_mark(info: InfoResponse | None, family: str, name: str) -> str:
+    """What is wrong with the chosen ControlNet, as `lora_mark` ("" for the bridge's own)."""
+    return _mark(info.controlnets, family, name) if info is not None and name else ""
+
+
+def _mark(entries: list[LibraryEntry], family: str, name: str) -> str:
+    entry = next((e for e in entries if e.name == name), None)
     if entry is None:
         return NOT_ON_BRIDGE
     if entry.error:
@@ -188,6 +196,80 @@ def request_choices(
                 f" {shown} is {details.family_label or family}: remove the LoRA or choose a model of its family."
             )
     return model, loras, problems
+
+
+DEFAULT_CONTROLNET_TIP = (
+    "The bridge's own ControlNet (its --controlnet, or the demo model's); a model it does not fit"
+    " runs without one, with a warning"
+)
+
+
+def controlnet_options(info: InfoResponse | None, family: str, saved: str = "") -> list[ModelOption]:
+    """The ControlNet picker's entries: the bridge's own first, then the bridge's ControlNets made
+    for the model's `family` (or whose family is not known), those it cannot use last, not
+    choosable. The document's `saved` choice, when the bridge does not list it or it does not
+    fit the model, comes last, marked (`missing`). Without /info: the default and the saved name."""
+    options = [ModelOption("", "bridge default", tip=DEFAULT_CONTROLNET_TIP)]
+    if info is None:
+        if saved:
+            options.append(ModelOption(saved, saved, tip="Not connected: not checked against the bridge yet"))
+        return options
+    usable, unusable = [], []
+    for entry in info.controlnets:
+        if not _fits(entry, family) or (entry.error and entry.name == saved):
+            continue  # the saved one is shown below, with what is wrong
+        if entry.error:
+            unusable.append(
+                ModelOption(
+                    entry.name, f"{entry.name} (cannot be used)", entry.family, False, tip=entry.error
+                )
+            )
+            continue
+        label = f"{entry.name} · {entry.family_label}" if entry.family_label else entry.name
+        tip = "" if entry.family else "Its files do not say which model family it is for; the job checks it."
+        usable.append(ModelOption(entry.name, label, entry.family, tip=tip))
+    options += usable + unusable
+    mark = controlnet_mark(info, family, saved)
+    if saved and mark:
+        tip = (
+            "Saved with this document; this bridge does not list it. Choose another ControlNet or start"
+            " the bridge with the folder that holds it (--models-dir)."
+            if mark == NOT_ON_BRIDGE
+            else f"Saved with this document: {mark}. Choose another ControlNet."
+        )
+        options.append(ModelOption(saved, f"{saved} ({mark})", usable=False, missing=True, tip=tip))
+    return options
+
+
+def controlnet_choice(settings: DocumentSettings, info: InfoResponse | None) -> tuple[str | None, list[str]]:
+    """(the request's `controlnet`, problems with it). The problems stop Generate only when a
+    layer uses structure (`collage.build_request`): else the ControlNet is not used at all. Checked
+    against /info when the dock has it (else the bridge judges), as `request_choices`."""
+    name = settings.controlnet or None
+    if info is None or name is None:
+        return name, []
+    family = chosen_family(info, settings.model)
+    mark = controlnet_mark(info, family, name)
+    if not mark:
+        return name, []
+    if mark == NOT_ON_BRIDGE:
+        listed = ", ".join(e.name for e in info.controlnets if not e.error) or "none"
+        problem = (
+            f"The ControlNet '{name}' chosen for this document is not on this bridge: choose another in"
+            f" the dock's ControlNet list, or 'bridge default' (it has {listed})."
+        )
+    elif mark.startswith("cannot be used"):
+        problem = f"The ControlNet '{name}' {mark}: choose another in the dock's ControlNet list."
+    else:
+        entry = next(e for e in info.controlnets if e.name == name)
+        details = chosen_details(info, settings.model)
+        shown = settings.model or f"{info.model} (the default)"
+        problem = (
+            f"The ControlNet '{name}' was made for {entry.family_label or entry.family}, but the model"
+            f" {shown} is {details.family_label or family}: choose a ControlNet of its family in the"
+            " dock's ControlNet list, or 'bridge default'."
+        )
+    return name, [problem]
 
 
 def _fits(entry: LibraryEntry, family: str) -> bool:

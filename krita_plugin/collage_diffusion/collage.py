@@ -193,12 +193,16 @@ def build_request(
     model: str | None = None,
     loras: list[dict] | None = None,
     regenerate_mask: bytes | None = None,
+    controlnet: str | None = None,
+    controlnet_problems: list[str] | None = None,
 ) -> tuple[Plan | None, list[str]]:
     """The request for the layers that take part, or None and what stops it (plain sentences).
 
     `records` are the document's visible, non-empty layers bottom to top; `layers` their settings
     by uniqueId (`DocumentSettings.resolve`). Layers ticked off in the dock are left out.
-    `model` and `loras` are the request's (`choices.request_choices`). A regenerate redoes the
+    `model` and `loras` are the request's (`choices.request_choices`); `controlnet` and its
+    `controlnet_problems` (`choices.controlnet_choice`) count only when a layer that takes part
+    has a control weight (else no ControlNet runs: it is not sent). A regenerate redoes the
     layer `regenerate_uid`, or with `regenerate_mask` (a grey PNG of the selection at `size`)
     the selected pixels instead.
     """
@@ -263,6 +267,9 @@ def build_request(
         else:
             regenerate_index = uids.index(regenerate_uid)
             regenerate_name = chosen[regenerate_index].name
+    uses_structure = any(spec.control_weight > 0 for spec in specs)
+    if uses_structure:
+        problems += controlnet_problems or []
     if problems:
         return None, problems
     # Without a prompt, the layers' texts, bottom to top, each once (as the CLI's readers do).
@@ -281,6 +288,8 @@ def build_request(
         model=model,
         loras=list(loras or []),
         output=settings.output,
+        clip_skip=settings.clip_skip,
+        controlnet=controlnet if uses_structure else None,
     )
     if background is not None:
         request.background = list(background)

@@ -1,16 +1,27 @@
-"""The dock's model section: the model picker and the LoRA list, filled from the bridge's /info
-(`choices.py` decides the entries; this module only shows them). Saved with the document by
+"""The dock's model section: the model picker, the LoRA list, the ControlNet picker and the clip
+skip, filled from the bridge's /info (`choices.py` decides the entries; this module only shows them). Saved with the document by
 `dock.CollagePanel` through `load`/`store`, like the other sections."""
 
 from __future__ import annotations
 
 from . import choices, qt
 from .settings import DocumentSettings, LoraChoice
-from .wire_request import MAX_LORA_WEIGHT, MAX_LORAS
+from .wire_request import MAX_CLIP_SKIP, MAX_LORA_WEIGHT, MAX_LORAS
 from .wire_responses import InfoResponse
 
 W = qt.QtWidgets
 WARN_STYLE = "color: #d44;"
+CLIP_SKIP_AUTO = "auto (model default)"
+CLIP_SKIP_TIP = (
+    "Which text-encoder layer reads the prompt, counted as in A1111: 1 = the last, 2 = the one"
+    " before it. Auto is the model family's default (SD 1.x: 1, SDXL: 2); anime SD 1.5 models"
+    " and Pony/Illustrious SDXL models are usually made for 2. Saved with the document"
+)
+CONTROLNET_TIP = (
+    "The ControlNet that makes a layer's edges guide the picture. It only matters for layers whose"
+    " control (ctrl) weight is above 0; without one no ControlNet runs. Lists the bridge's"
+    " ControlNets made for the chosen model's family; saved with the document"
+)
 
 
 class LoraRow(W.QWidget):
@@ -52,8 +63,9 @@ class LoraRow(W.QWidget):
 
 
 class ModelSection(W.QGroupBox):
-    """The model (the bridge's default or another it lists) and the LoRAs with their weights.
-    `changed()` when the painter edits either; `refresh_requested()` for the ↻ button."""
+    """The model (the bridge's default or another it lists), the LoRAs with their weights, the
+    ControlNet and the clip skip. `changed()` when the painter edits any; `refresh_requested()`
+    for the ↻ button."""
 
     changed = qt.pyqtSignal()
     refresh_requested = qt.pyqtSignal()
@@ -62,6 +74,7 @@ class ModelSection(W.QGroupBox):
         super().__init__("Model", parent)
         self.info: InfoResponse | None = None
         self.model_name = ""  # the document's choice, also while the bridge does not list it
+        self.controlnet_name = ""  # the same for the ControlNet ("": the bridge's own)
         self.rows: list[LoraRow] = []
         v = W.QVBoxLayout(self)
         top = W.QHBoxLayout()
@@ -94,7 +107,27 @@ class ModelSection(W.QGroupBox):
         add.addWidget(self.add_button)
         add.addWidget(self.all_families)
         v.addLayout(add)
+        form = W.QFormLayout()
+        form.setContentsMargins(0, 0, 0, 0)
+        self.controlnet = W.QComboBox()
+        self.controlnet.setToolTip(CONTROLNET_TIP)
+        self.controlnet.setSizeAdjustPolicy(
+            W.QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
+        )
+        self.controlnet.setMinimumContentsLength(10)
+        self.clip_skip = W.QComboBox()
+        self.clip_skip.setToolTip(CLIP_SKIP_TIP)
+        self.clip_skip.addItem(CLIP_SKIP_AUTO, 0)  # 0: None in the settings (a null item data reads badly)
+        for n in range(1, MAX_CLIP_SKIP + 1):
+            self.clip_skip.addItem(str(n), n)
+        form.addRow("ControlNet", self.controlnet)
+        form.addRow("Clip skip", self.clip_skip)
+        form.labelForField(self.controlnet).setToolTip(CONTROLNET_TIP)
+        form.labelForField(self.clip_skip).setToolTip(CLIP_SKIP_TIP)
+        v.addLayout(form)
         self.model.currentIndexChanged.connect(self._on_model)
+        self.controlnet.currentIndexChanged.connect(self._on_controlnet)
+        self.clip_skip.currentIndexChanged.connect(lambda _i: self.changed.emit())
         self.add_button.clicked.connect(self._on_add)
         self.all_families.toggled.connect(lambda _on: self._show_offer())
         self.refresh_button.clicked.connect(self.refresh_requested.emit)
@@ -107,6 +140,7 @@ class ModelSection(W.QGroupBox):
         self.info = info
         self._show_models()
         self._show_offer()
+        self._show_controlnets()
 
     @property
     def family(self) -> str:
@@ -155,6 +189,25 @@ class ModelSection(W.QGroupBox):
         for row in self.rows:
             row.show_mark(choices.lora_mark(self.info, family, row.name))
 
+    def _show_controlnets(self) -> None:
+        """The ControlNets that fit the chosen model's family, the document's choice selected."""
+        blocked = self.controlnet.blockSignals(True)
+        try:
+            self.controlnet.clear()
+            options = choices.controlnet_options(self.info, self.family, self.controlnet_name)
+            for i, option in enumerate(options):
+                self.controlnet.addItem(option.label, option.name)
+                self.controlnet.setItemData(i, option.tip, qt.Qt.ItemDataRole.ToolTipRole)
+                if not option.usable and not option.missing:
+                    self.controlnet.model().item(i).setEnabled(False)
+            index = next((i for i, o in enumerate(options) if o.name == self.controlnet_name), 0)
+            self.controlnet.setCurrentIndex(index)
+            missing = options[index].missing
+        finally:
+            self.controlnet.blockSignals(blocked)
+        self.controlnet.setStyleSheet(WARN_STYLE if missing else "")
+        self.controlnet.setToolTip(f"{options[index].tip}\n\n{CONTROLNET_TIP}" if missing else CONTROLNET_TIP)
+
     # -- the document's choice -----------------------------------------------------------------------
 
     def load(self, s: DocumentSettings) -> None:
@@ -165,11 +218,31 @@ class ModelSection(W.QGroupBox):
         self.rows = []
         for lora in s.loras:
             self._add_row(lora)
+        self.controlnet_name = s.controlnet
+        blocked = self.clip_skip.blockSignals(True)
+        self.clip_skip.setCurrentIndex(max(0, self.clip_skip.findData(s.clip_skip or 0)))
+        self.clip_skip.blockSignals(blocked)
         self.show_info(self.info)
 
     def store(self, s: DocumentSettings) -> None:
         s.model = self.model_name
         s.loras = [row.choice() for row in self.rows]
+        s.controlnet = self.controlnet_name
+        s.clip_skip = self.clip_skip.currentData() or None
+
+    def choose_controlnet(self, name: str) -> bool:
+        """Pick a ControlNet by name ("": the bridge's own), as the painter would; False if not listed."""
+        index = self.controlnet.findData(name)
+        if index >= 0:
+            self.controlnet.setCurrentIndex(index)
+        return index >= 0
+
+    def choose_clip_skip(self, value: int | None) -> bool:
+        """Pick the clip skip (None: auto), as the painter would; False outside 1..MAX_CLIP_SKIP."""
+        index = self.clip_skip.findData(value or 0)
+        if index >= 0:
+            self.clip_skip.setCurrentIndex(index)
+        return index >= 0
 
     def choose_model(self, name: str) -> bool:
         """Pick a model by name, as the painter would (scripts and tests); False if not listed."""
@@ -194,6 +267,14 @@ class ModelSection(W.QGroupBox):
         self.model_name = self.model.itemData(index) or ""
         self._show_models()  # drops "(not on this bridge)" once another model is chosen
         self._show_offer()  # the LoRAs that fit follow the model's family
+        self._show_controlnets()  # and so do the ControlNets
+        self.changed.emit()
+
+    def _on_controlnet(self, index: int) -> None:
+        if index < 0:
+            return
+        self.controlnet_name = self.controlnet.itemData(index) or ""
+        self._show_controlnets()  # drops the mark once another ControlNet is chosen
         self.changed.emit()
 
     def _on_add(self) -> None:

@@ -154,6 +154,7 @@ class CollageModel(qt.QObject):
         model, loras, problems = choices.request_choices(settings, self.info)
         if problems:
             return self._refuse("\n".join(problems))
+        controlnet, controlnet_problems = choices.controlnet_choice(settings, self.info)
         limits = wire.Limits.from_dict(self.info.limits) if self.info is not None else None
         details = choices.chosen_details(self.info, settings.model)  # "auto" follows the chosen model
         size = collage.generation_size(doc.width(), doc.height(), settings.size_policy, limits, details)
@@ -186,6 +187,8 @@ class CollageModel(qt.QObject):
             model=model,
             loras=loras,
             regenerate_mask=mask,
+            controlnet=controlnet,
+            controlnet_problems=controlnet_problems,
         )
         if plan is None:
             return self._refuse("\n".join(problems))

@@ -9,7 +9,9 @@ Standard library only: reading never raises, whatever the annotation holds (a br
 annotation gives the defaults for what cannot be read).
 
 The model and the LoRAs are per document too (`model`, `loras`): names the bridge lists in /info
-(`choices.py` turns them into the request's `model` and `loras`).
+(`choices.py` turns them into the request's `model` and `loras`); so are the ControlNet
+(`controlnet`, a name of /info's controlnets) and the clip skip (`clip_skip`, the key the CLI's
+collage.json uses too).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 
-from .wire_request import APPEARANCE_MODES, MAX_LORA_WEIGHT
+from .wire_request import APPEARANCE_MODES, MAX_CLIP_SKIP, MAX_LORA_WEIGHT
 
 #: The annotation's type in the document (and in the .kra file: ``annotations/collage-diffusion``).
 ANNOTATION_TYPE = "collage-diffusion"
@@ -90,6 +92,8 @@ class DocumentSettings:
     model: str = ""  # a model the bridge lists (/info's models); "": the bridge's default
     loras: list[LoraChoice] = field(default_factory=list)  # sent as JobRequest.loras, in order
     output: str = "image"  # a result as one layer ("image") or as a layer stack ("layers")
+    clip_skip: int | None = None  # 1..MAX_CLIP_SKIP, A1111's count; None: the model family's default
+    controlnet: str = ""  # a ControlNet the bridge lists (/info's controlnets); "": the bridge's own
 
     # -- JSON ----------------------------------------------------------------------------------
 
@@ -122,7 +126,9 @@ class DocumentSettings:
         if settings.size_policy not in SIZE_POLICIES:
             settings.size_policy = "auto"
         settings.model = settings.model.strip()
+        settings.controlnet = settings.controlnet.strip()
         settings.loras = _read_loras(data.get("loras"))
+        settings.clip_skip = _read_clip_skip(data.get("clip_skip"))
         if settings.output not in OUTPUTS:
             settings.output = "image"
         layers = data.get("layers")
@@ -139,11 +145,21 @@ class DocumentSettings:
         entries keyed by layer *name* (``name:<name>`` placeholders that `resolve` matches to
         the layers by name). Unusable values are skipped, as everywhere here. The file's `model`
         is a reference on the machine that wrote it (a path, a hub id), not a bridge's model name:
-        the dock keeps the bridge's default."""
+        the dock keeps the bridge's default (and its ControlNet)."""
         if not isinstance(data, dict):
             return cls()
-        skip = ("layers", "variants", "size_policy", "results_group", "model", "loras", "output")
+        skip = (
+            "layers",
+            "variants",
+            "size_policy",
+            "results_group",
+            "model",
+            "loras",
+            "output",
+            "controlnet",
+        )
         settings = cls(**_read(cls, data, skip=skip))
+        settings.clip_skip = _read_clip_skip(data.get("clip_skip"))
         layers = data.get("layers")
         if isinstance(layers, dict):
             for name, entry in layers.items():
@@ -213,6 +229,14 @@ def _read_loras(data: object) -> list[LoraChoice]:
         weight = min(MAX_LORA_WEIGHT, max(-MAX_LORA_WEIGHT, float(weight))) if usable else 1.0
         out.append(LoraChoice(entry["name"].strip(), round(weight, 4)))
     return out
+
+
+def _read_clip_skip(value: object) -> int | None:
+    """The saved clip skip: a whole number clamped to 1..MAX_CLIP_SKIP; None (the model's default)
+    for null, a missing key (documents saved before the setting) or anything unreadable."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return None
+    return min(MAX_CLIP_SKIP, max(1, int(value)))
 
 
 def _read_layer(entry: dict, **fixed) -> LayerSettings:
