@@ -30,6 +30,7 @@ CHECKS = [
     "writing_results",
     "dock_panel",
     "dock_model_and_loras",
+    "dock_controlnet_and_clip_skip",
     "generate_regenerate_and_errors",
     "reconnects",
     "local_bridge",

@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1] / "krita_plugin")]
 
 import fakekrita  # noqa: E402
+import qt_smoke_pickers  # noqa: E402
 from harness import Skip, run_check  # noqa: E402
 
 CHECKS = []
@@ -287,6 +288,9 @@ def dock_model_and_loras(report):
         raise AssertionError("the panel does not render")
     third.shutdown()
     report["detail"] = "picker, LoRA list, save, reopen, refresh, missing model"
+
+
+check(qt_smoke_pickers.dock_controlnet_and_clip_skip)
 
 
 @check
