@@ -45,6 +45,7 @@ CHECKS = [
     "generate_writes_new_layers",
     "auto_size_follows_the_model",
     "dock_model_and_loras_saved_and_sent",
+    "dock_clip_skip_and_controlnet_saved_and_sent",
     "generate_on_sdxl",
     "regenerate_changes_only_that_layer",
     "regenerate_a_selection_changes_nothing_outside_it",
@@ -62,10 +63,12 @@ CHECKS = [
 def models_dir(root: Path, demo_model_dir: Path, tiny_sdxl_dir: Path) -> Path:
     """A small ComfyUI-style model folder for the dock's model and LoRA checks: the demo model
     again under another name (so a chosen model can run fast), the tiny SDXL (listed, not run),
-    a LoRA of the demo model that changes its output (its file tells no family) and an SDXL
-    LoRA's names and shapes (zeros)."""
+    a LoRA of the demo model that changes its output (its file tells no family), an SDXL
+    LoRA's names and shapes (zeros), and two ControlNets of the demo model: its own and a random one."""
+    from core.demo_model import ensure_demo_controlnet
     from core.models import load_pipeline
     from tests.library_files import kohya_lora
+    from tests.test_bridge_controlnet import other_demo_controlnet
     from tests.test_loras import peft_unet_lora, save_kohya
 
     (root / "models" / "diffusers").mkdir(parents=True)
@@ -75,6 +78,11 @@ def models_dir(root: Path, demo_model_dir: Path, tiny_sdxl_dir: Path) -> Path:
     unet = load_pipeline("demo").pipeline.unet
     save_kohya(peft_unet_lora(unet, seed=3), root / "models" / "loras" / "ink.safetensors")
     kohya_lora(root / "models" / "loras" / "xl" / "detail.safetensors", "sdxl")
+    (root / "models" / "controlnet").mkdir()
+    (root / "models" / "controlnet" / "demo-edges").symlink_to(
+        ensure_demo_controlnet(), target_is_directory=True
+    )
+    other_demo_controlnet(root / "models" / "controlnet" / "random-edges")
     return root
 
 

@@ -186,6 +186,73 @@ def dock_model_and_loras_saved_and_sent(report):
 
 
 @check(needs_bridge=True)
+def dock_clip_skip_and_controlnet_saved_and_sent(report):
+    """The dock's clip skip and ControlNet picker on the demo model (its model folder has its own
+    ControlNet as demo-edges and a random one as random-edges): clip skip 2 and the random
+    ControlNet go into the job and each changes the picture; saved as .kra and reopened, the
+    dock shows both and the job gives the same picture again, byte for byte."""
+    import fakekrita
+    from collage_diffusion import dock, document
+
+    if not os.environ.get("COLLAGE_TEST_MODELS_DIR"):
+        raise Skip("the test bridge has no model folder (COLLAGE_TEST_MODELS_DIR)")
+    path = scratch() / "clip-skip-controlnet.kra"
+    doc = build_document()
+    try:
+        set_prompt(doc, "a red sign, a cat and a ball", size_policy="auto", cat="cat", ball="red ball")
+        settings = document.load_settings(doc)
+        layers = settings.resolve(
+            [(n.uid, n.name) for n in document.list_layers(doc, settings.results_group)]
+        )
+        next(s for s in layers.values() if s.name == "cat").control_weight = 1.0  # the ControlNet counts
+        settings.update_layers(layers)
+        document.save_settings(doc, settings)
+        panel = dock.CollagePanel(fakekrita.Host(doc), make_model())
+        panel.refresh()
+        m = panel.model_section
+        offered = sorted(d for _, d in combo_items(m.controlnet))
+        assert_eq(offered, ["", "demo-edges", "random-edges"], "the bridge's ControlNets")
+        base = generate_in_panel(panel)
+        sent = panel.model._plan.request
+        assert_eq((sent.clip_skip, sent.controlnet), (None, None), "auto and the bridge's own sent as null")
+        assert_eq(m.choose_clip_skip(2), True, "clip skip 2 chosen")
+        skip2 = generate_in_panel(panel)
+        assert_eq(panel.model._plan.request.clip_skip, 2, "clip skip in the request")
+        if skip2 == base:
+            raise AssertionError("clip skip 2 chosen in the dock did not change the picture")
+        assert_eq(m.choose_controlnet("random-edges"), True, "random-edges chosen")
+        with_net = generate_in_panel(panel)
+        assert_eq(panel.model._plan.request.controlnet, "random-edges", "ControlNet in the request")
+        assert_eq(job_on_bridge(panel.model).state, "done", "the bridge ran the job")
+        if with_net == skip2:
+            raise AssertionError("the ControlNet chosen in the dock did not change the picture")
+        panel.shutdown()
+        if not doc.saveAs(str(path)):
+            raise AssertionError(f"saving {path} failed")
+    finally:
+        doc.close()
+    doc = krita().openDocument(str(path))
+    try:
+        stored = document.load_settings(doc)
+        assert_eq(
+            (stored.clip_skip, stored.controlnet), (2, "random-edges"), "settings in the reopened document"
+        )
+        panel = dock.CollagePanel(fakekrita.Host(doc), make_model())
+        panel.refresh()
+        m = panel.model_section
+        assert_eq(
+            (m.clip_skip.currentText(), m.controlnet.currentData()),
+            ("2", "random-edges"),
+            "dock after reopening",
+        )
+        assert_eq(generate_in_panel(panel) == with_net, True, "the same picture after reopening")
+        panel.shutdown()
+        report["detail"] = f"clip skip 2 + random-edges, saved in {path.name} and restored"
+    finally:
+        doc.close()
+
+
+@check(needs_bridge=True)
 def generate_on_sdxl(report):
     """The dock on a bridge whose model is an SDXL (the tiny one): /info says so, the auto size is
     the family's (multiples of 64 near its native size), the result arrives as a new layer."""
