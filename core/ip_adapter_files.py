@@ -145,9 +145,12 @@ def load_image_encoder(path: Path, device, dtype):
     if path.is_dir():
         model = CLIPVisionModelWithProjection.from_pretrained(path)
     else:
-        from safetensors.torch import load_file
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
 
-        tensors = load_file(str(path))
+            tensors = load_file(str(path))
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
         model = CLIPVisionModelWithProjection(_vision_config(CLIPVisionConfig, tensors))
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         missing = [k for k in missing if not k.endswith("position_ids")]
