@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,19 +128,22 @@ def load_ip_adapter(files: IPAdapterFiles, unet, device, dtype) -> IPAdapterWeig
 
 
 # One loaded pair kept across jobs: the image encoder is the costly part (ViT-H: ~1.3 GB in half
-# precision). Keyed by the files' paths and modification times, the U-Net and the device/dtype.
-_cache: dict[tuple, IPAdapterWeights] = {}
+# precision). Keyed by the files' paths and modification times and the device/dtype, for the U-Net
+# it was checked against (held weakly: a released model is not kept alive by this).
+_cache: dict[tuple, tuple[weakref.ref, IPAdapterWeights]] = {}
 _cache_lock = threading.Lock()
 
 
 def cached_ip_adapter(files: IPAdapterFiles, unet, device, dtype) -> IPAdapterWeights:
     stamps = tuple(_stamp(Path(p)) for p in (files.adapter, files.image_encoder))
-    key = (str(files.adapter), str(files.image_encoder), stamps, id(unet), str(device), dtype)
+    key = (str(files.adapter), str(files.image_encoder), stamps, str(device), dtype)
     with _cache_lock:
-        if key not in _cache:
+        found = _cache.get(key)
+        if found is None or found[0]() is not unet:
             _cache.clear()
-            _cache[key] = load_ip_adapter(files, unet, device, dtype)
-        return _cache[key]
+            found = (weakref.ref(unet), load_ip_adapter(files, unet, device, dtype))
+            _cache[key] = found
+        return found[1]
 
 
 def release_ip_adapters() -> None:
@@ -188,7 +192,6 @@ class MaskedIPAdapter:
         *,
         layers: list[int],
         cfg: bool,
-        device: torch.device | str = "cpu",
     ):
         if not (tokens.shape[0] == len(scales) == len(layers)) or not layers:
             raise ValueError("tokens, scales and layers need one entry per IP layer (at least one)")
@@ -199,7 +202,7 @@ class MaskedIPAdapter:
         s = torch.tensor(scales, dtype=torch.float32)[:, None]
         # w_i * m_i(p) per level: (n, P).
         self._masks = {p: torch.as_tensor(m, dtype=torch.float32) * s for p, m in masks.items()}
-        self._device = torch.device(device)
+        self._on_device: dict[tuple, torch.Tensor | None] = {}
         self._kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @contextlib.contextmanager
@@ -224,8 +227,12 @@ class MaskedIPAdapter:
         pass
 
     def masks_for(self, seq_len: int, dtype, device) -> torch.Tensor | None:
-        masks = self._masks.get(seq_len)
-        return None if masks is None else masks.to(device=device, dtype=dtype)
+        """w_i * m_i(p) at the resolution with `seq_len` pixels, (n, P); None: no such level."""
+        key = (seq_len, dtype, str(device))
+        if key not in self._on_device:
+            masks = self._masks.get(seq_len)
+            self._on_device[key] = None if masks is None else masks.to(device=device, dtype=dtype)
+        return self._on_device[key]
 
     def keys_values(
         self, name: str, batch: int, heads: int, dtype, device
@@ -298,15 +305,6 @@ class MaskedIPAdapterProcessor:
         return out + delta
 
 
-def ip_adapter_layers(collage) -> list[int]:
-    """Indices (into `collage.layers`) of the visible layers asking for IP-Adapter with weight > 0."""
-    return [
-        i
-        for i, layer in enumerate(collage.layers)
-        if layer.visible and appearance_mode(layer.appearance) == IP_ADAPTER and layer.appearance_weight > 0
-    ]
-
-
 def ip_adapter_hook(setup, files: IPAdapterFiles | None) -> MaskedIPAdapter | None:
     """Build the masked IP-Adapter hook for one generation (a `core.generate` hook builder); None
     when no layer asks for it. Raises `CollageError` naming ``layers[i].appearance`` when one does
@@ -323,10 +321,11 @@ def ip_adapter_hook(setup, files: IPAdapterFiles | None) -> MaskedIPAdapter | No
     if files is None:
         family = getattr(model, "family", None)
         label = family.label if family is not None else "this model"
+        hint = f" (e.g. {family.ip_adapter_files})" if family is not None and family.ip_adapter_files else ""
         raise CollageError(
             [
-                f'{w}: "ip-adapter" needs IP-Adapter weights for {label} and a CLIP image encoder, '
-                "and there are none (put them in models/ipadapter and models/clip_vision)"
+                f'{w}: "ip-adapter" needs an IP-Adapter for {label} and its CLIP image encoder{hint}, '
+                "and there is none (put them in models/ipadapter and models/clip_vision of the models dir)"
                 for w in where
             ]
         )
@@ -346,7 +345,6 @@ def ip_adapter_hook(setup, files: IPAdapterFiles | None) -> MaskedIPAdapter | No
         [float(flat.layers[i].appearance_weight) for i in pick],
         layers=pick,
         cfg=collage.guidance_scale > 1.0,
-        device=model.device,
     )
 
 

@@ -305,7 +305,10 @@ def test_runs_on_tiny_sdxl(tiny_sdxl, encoder_files, tmp_path):
 def test_errors_name_the_layer_field(demo_pipeline, tiny_sdxl, demo_files, encoder_files, tmp_path):
     collage = two_layer_collage()
     collage.layers.insert(0, Layer("hidden", np.zeros((4, 4, 4), np.uint8), visible=False))
-    with pytest.raises(CollageError, match=r'layers\[1\]\.appearance: "ip-adapter" needs IP-Adapter weights'):
+    with pytest.raises(
+        CollageError,
+        match=r'layers\[1\]\.appearance: "ip-adapter" needs an IP-Adapter for Stable Diffusion 1.x',
+    ):
         run(demo_pipeline, collage, None)
     # An adapter made for another U-Net (the tiny SDXL's, 80 wide) on the demo model.
     sdxl_adapter = adapter_file(tiny_sdxl, tmp_path / "ip-adapter_sdxl.safetensors")

@@ -438,7 +438,10 @@ def test_the_cli_finds_the_ip_adapter_in_the_models_dir_or_takes_it_named(librar
     out = tmp_path / "out.png"
     args = ["generate", str(doc), "-o", str(out), "--steps", "2", "--model", "demo"]
     assert main(args) == 2  # no IP-Adapter anywhere
-    assert 'layers[0].appearance: "ip-adapter" needs IP-Adapter weights' in capsys.readouterr().err
+    assert (
+        'layers[0].appearance: "ip-adapter" needs an IP-Adapter for Stable Diffusion 1.x'
+        in capsys.readouterr().err
+    )
     root = place(library_files, tmp_path / "ComfyUI", COMFY)
     assert main([*args, "--models-dir", str(root)]) == 0, capsys.readouterr().err
     assert out.is_file()
