@@ -72,6 +72,40 @@ def random_ip_adapter_state(
     return state
 
 
+def random_plus_ip_adapter_state(
+    unet, hidden_width: int, tokens: int = 16, seed: int = 0, scale: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """A plus IP-Adapter's tensors (`ip-adapter-plus_sd15.safetensors`' names): a Resampler of 4
+    blocks with 64-wide queries (one 64-wide head) over the encoder's `hidden_width`-wide hidden
+    states, `tokens` learned queries; the cross-attention keys and values as the base adapter's."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    width, dim = unet.config.cross_attention_dim, 64
+
+    def rand(*shape: int, std: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * std
+
+    state = {
+        "image_proj.latents": rand(1, tokens, dim, std=dim**-0.5),
+        "image_proj.proj_in.weight": rand(dim, hidden_width, std=hidden_width**-0.5),
+        "image_proj.proj_in.bias": rand(dim, std=0.1),
+        "image_proj.proj_out.weight": rand(width, dim, std=dim**-0.5),
+        "image_proj.proj_out.bias": rand(width, std=0.1),
+        "image_proj.norm_out.weight": 1.0 + rand(width, std=0.1),
+        "image_proj.norm_out.bias": rand(width, std=0.1),
+    }
+    for i in range(4):
+        block = f"image_proj.layers.{i}"
+        for norm in (f"{block}.0.norm1", f"{block}.0.norm2", f"{block}.1.0"):
+            state[f"{norm}.weight"], state[f"{norm}.bias"] = 1.0 + rand(dim, std=0.1), rand(dim, std=0.1)
+        state[f"{block}.0.to_q.weight"] = rand(dim, dim, std=dim**-0.5)
+        state[f"{block}.0.to_kv.weight"] = rand(2 * dim, dim, std=dim**-0.5)
+        state[f"{block}.0.to_out.weight"] = rand(dim, dim, std=dim**-0.5)
+        state[f"{block}.1.1.weight"] = rand(4 * dim, dim, std=dim**-0.5)
+        state[f"{block}.1.3.weight"] = rand(dim, 4 * dim, std=(4 * dim) ** -0.5)
+    base = random_ip_adapter_state(unet, 1, seed=seed, scale=scale)
+    return state | {k: v for k, v in base.items() if k.startswith("ip_adapter.")}
+
+
 def save_ip_adapter(state: dict[str, torch.Tensor], path: Path) -> Path:
     """`.safetensors` with flat names, or `.bin` as {"image_proj": {...}, "ip_adapter": {...}}."""
     if path.suffix == ".safetensors":

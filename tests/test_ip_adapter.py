@@ -23,10 +23,11 @@ from core.options import EngineOptions, build_hooks
 from core.random_ip_adapter import (
     build_random_image_encoder,
     random_ip_adapter_state,
+    random_plus_ip_adapter_state,
     save_image_encoder,
     save_ip_adapter,
 )
-from core.weight_files import read_weight_names
+from core.weight_files import WeightNames, read_weight_names
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -300,6 +301,34 @@ def test_runs_on_tiny_sdxl(tiny_sdxl, encoder_files, tmp_path):
     assert result.shape == (64, 64, 3)
     assert not np.array_equal(result, plain)
     release_ip_adapters()
+
+
+def test_a_plus_adapter_reads_the_hidden_states(demo_pipeline, encoder_files, tmp_path):
+    """A plus adapter (Resampler, `image_proj.latents`) loads through diffusers' conversion, makes
+    16 tokens from the encoder's penultimate hidden states and conditions the layer."""
+    unet = demo_pipeline.pipeline.unet
+    path = save_ip_adapter(random_plus_ip_adapter_state(unet, 64, scale=3.0), tmp_path / "plus.safetensors")
+    assert describe_ip_adapter(read_weight_names(path)).kind == "plus"
+    files = IPAdapterFiles(path, encoder_files[0])
+    weights = load_ip_adapter(files, unet, "cpu", torch.float32)
+    assert weights.hidden_states
+    tokens, uncond = weights.image_tokens(encoder_input(np.full((6, 6, 4), 255, np.uint8), 32)[None])
+    assert tokens.shape == uncond.shape == (1, 16, 32) and not torch.allclose(tokens, uncond)
+    plain = run(demo_pipeline, two_layer_collage("off"), files).images[0].image
+    assert not np.array_equal(run(demo_pipeline, two_layer_collage(), files).images[0].image, plain)
+    release_ip_adapters()
+
+
+def test_faceid_adapters_are_refused_saying_why():
+    names = WeightNames(
+        {
+            "image_proj.proj.0.weight": (1024, 512),
+            "image_proj.perceiver_resampler.proj_in.weight": (768, 1280),
+            "ip_adapter.1.to_k_ip.weight": (320, 768),
+        }
+    )
+    with pytest.raises(IPAdapterError, match="FaceID"):
+        describe_ip_adapter(names)
 
 
 def test_errors_name_the_layer_field(demo_pipeline, tiny_sdxl, demo_files, encoder_files, tmp_path):
