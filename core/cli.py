@@ -195,7 +195,11 @@ def _inspect(args) -> int:
             f"  [{i}] {layer.text!r}: {w}×{h} at {layer.offset}, opacity {layer.opacity:.2f},"
             f" strength {c.layer_strength(layer):.2f}, attention {layer.attention_weight:g},"
             f" control {layer.control_weight:g}, appearance {appearance_mode(layer.appearance)}"
-            + (f" {layer.appearance_weight:g}" if appearance_mode(layer.appearance) == "reference" else "")
+            + (
+                f" {layer.appearance_weight:g}"
+                if appearance_mode(layer.appearance) in ("reference", "ip-adapter")
+                else ""
+            )
         )
     for warning in doc.warnings:
         print(f"  note: {warning}")

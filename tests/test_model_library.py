@@ -435,6 +435,8 @@ def test_the_cli_finds_the_ip_adapter_in_the_models_dir_or_takes_it_named(librar
     manifest.write_text(
         manifest.read_text().replace('text = "rice"', 'text = "rice"\nappearance = "ip-adapter"')
     )
+    assert main(["inspect", str(doc)]) == 0
+    assert "'rice': " in (shown := capsys.readouterr().out) and "appearance ip-adapter 1\n" in shown
     out = tmp_path / "out.png"
     args = ["generate", str(doc), "-o", str(out), "--steps", "2", "--model", "demo"]
     assert main(args) == 2  # no IP-Adapter anywhere
