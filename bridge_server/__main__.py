@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="a ComfyUI or A1111/Forge folder (or a plain folder) of models: requests may choose its "
-        "checkpoints by their path in it, /info lists its LoRAs, embeddings and ControlNets (repeatable)",
+        "checkpoints by their path in it, /info lists its LoRAs, embeddings, ControlNets and IP-Adapters (repeatable)",
     )
     p.add_argument("--data-dir", type=Path, help=f"job records and results (default: {default_data_dir()})")
     p.add_argument("--token", help=f"require 'Authorization: Bearer TOKEN' (or set {TOKEN_ENV})")

@@ -11,16 +11,31 @@ always that library entry.
 from __future__ import annotations
 
 from core.embeddings import EmbeddingFiles
-from core.model_library import LibraryEntry, ModelLibrary, is_plain_reference, resolve_model_name
+from core.ip_adapter_files import IPAdapterFiles
+from core.model_library import (
+    LibraryEntry,
+    ModelLibrary,
+    find_ip_adapter,
+    ip_adapter_families,
+    is_plain_reference,
+    resolve_model_name,
+)
 from core.model_sources import ModelLoadError
-from core.weight_files import CHECKPOINT, CONTROLNET, EMBEDDING, LORA
+from core.weight_files import CHECKPOINT, CLIP_VISION, CONTROLNET, EMBEDDING, IPADAPTER, LORA
 from krita_plugin.collage_diffusion import wire
 
 from .config import BridgeConfig
 from .engine import model_details
 
 #: InfoResponse's field for each kind of library entry.
-INFO_FIELDS = {CHECKPOINT: "checkpoints", LORA: "loras", EMBEDDING: "embeddings", CONTROLNET: "controlnets"}
+INFO_FIELDS = {
+    CHECKPOINT: "checkpoints",
+    LORA: "loras",
+    EMBEDDING: "embeddings",
+    CONTROLNET: "controlnets",
+    IPADAPTER: "ipadapters",
+    CLIP_VISION: "clip_vision",
+}
 # Seconds a listing is reused: /info and requests then cost no walk of the folders. A request
 # naming a checkpoint missing from the last listing rescans at once, so a new file works.
 LISTING_MAX_AGE = 2.0
@@ -66,14 +81,34 @@ class ModelCatalog:
             return engine.details(name)
         return model_details(name, entry.family, entry.native_size)
 
-    def listing(self) -> dict[str, list[wire.LibraryEntry]]:
-        """InfoResponse's library fields (`checkpoints`, `loras`, ...), each entry by name."""
+    def listing(self) -> dict[str, list]:
+        """InfoResponse's library fields (`checkpoints`, `loras`, ...), each entry by name, and
+        `ip_adapter_families`."""
         if self.library is None:
             return {}
-        return {
+        fields: dict[str, list] = {
             INFO_FIELDS[kind]: [_wire_entry(e) for e in entries]
             for kind, entries in self.library.listing().items()
         }
+        fields["ip_adapter_families"] = ip_adapter_families(self.library)
+        return fields
+
+    def ip_adapter(self, model) -> IPAdapterFiles | None:
+        """The library IP-Adapter and image encoder for a loaded model (`EngineOptions.ip_adapter`)."""
+        return find_ip_adapter(self.library, model.pipeline.unet.config.cross_attention_dim)
+
+    def may_have_ip_adapter(self, family_id: str) -> bool:
+        """Whether a job for a model of this family ("" unknown) may use an IP-Adapter: the library
+        has one for the family, or one for a width no family has (small test models), which the
+        engine checks against the loaded model when the job runs."""
+        if self.library is None:
+            return False
+        if family_id in ip_adapter_families(self.library):
+            return True
+        listing = self.library.listing()
+        return any(
+            e.usable and e.family is None and e.ip_adapter is not None for e in listing[IPADAPTER]
+        ) and bool(listing[CLIP_VISION])
 
     def find_lora(self, name: str) -> LibraryEntry | None:
         """The usable library LoRA by this name (rescanning once when it is not listed)."""

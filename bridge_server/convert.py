@@ -187,6 +187,32 @@ def controlnet_entry(
     return entry
 
 
+def ip_adapter_problems(
+    request: wire.JobRequest, converted: Converted, catalog: ModelCatalog, engine
+) -> None:
+    """Refuse (422, naming `layers[i].appearance`) a job whose layers ask for "ip-adapter" when the
+    model folders hold no IP-Adapter with an image encoder for the job's model family."""
+    wanted = [
+        i
+        for i, spec in enumerate(request.layers)
+        if spec.visible and spec.appearance == "ip-adapter" and spec.appearance_weight > 0
+    ]
+    if not wanted:
+        return
+    details = catalog.details(converted.model, engine)
+    if catalog.may_have_ip_adapter(details.family):
+        return
+    label = details.family_label or "this model's family"
+    raise RequestProblems(
+        [
+            f'layers[{i}].appearance: "ip-adapter" needs an IP-Adapter for {label} and its CLIP image '
+            "encoder in the bridge's model folders (models/ipadapter, models/clip_vision); there is "
+            "none (/info's ip_adapter_families lists the families that have one)"
+            for i in wanted
+        ]
+    )
+
+
 def to_collage(request: wire.JobRequest, config: BridgeConfig) -> Converted:
     """Decode the validated request into a collage the engine can run. Raises `RequestProblems`."""
     problems: list[str] = []

@@ -87,8 +87,11 @@ class Engine:
         options: dict | None = None,
         resolve: Callable[[str], tuple[str, str | None]] | None = None,
         lora_cache_bytes: int = DEFAULT_CACHE_BYTES,
+        ip_adapter: Callable[[object], object] | None = None,
     ):
         self.device = device
+        # The loaded model -> its IP-Adapter files (`catalog.ModelCatalog.ip_adapter`), or None.
+        self.ip_adapter = ip_adapter
         # A request's model name -> (reference, config folder) for core; `catalog.ModelCatalog`.
         self.resolve = resolve or (lambda name: (name, None))
         self.options = options or {}  # core.options.EngineOptions fields (attention, ControlNet)
@@ -169,6 +172,8 @@ class Engine:
         from core.options import EngineOptions, build_hooks
 
         options = EngineOptions(**self.options)
+        if self.ip_adapter is not None:
+            options.ip_adapter = self.ip_adapter
         if req.controlnet is None:
             return build_hooks(model, req.collage, options, controlnet_errors="warn")
         path, name = str(req.controlnet.path), req.controlnet.name

@@ -26,7 +26,15 @@ from krita_plugin.collage_diffusion import wire
 
 from .catalog import ModelCatalog
 from .config import BridgeConfig
-from .convert import Converted, RequestProblems, embedding_files, library_choices, parse_request, to_collage
+from .convert import (
+    Converted,
+    RequestProblems,
+    embedding_files,
+    ip_adapter_problems,
+    library_choices,
+    parse_request,
+    to_collage,
+)
 from .engine import Engine, RunJob, RunRequest
 from .images import preview_png
 from .results import save_results
@@ -80,7 +88,11 @@ class JobManager:
         self.config = config
         self.catalog = ModelCatalog(config)
         self.engine = engine or Engine(
-            config.device, config.engine_options, self.catalog.resolve, config.lora_cache_bytes
+            config.device,
+            config.engine_options,
+            self.catalog.resolve,
+            config.lora_cache_bytes,
+            ip_adapter=self.catalog.ip_adapter,
         )
         self.run_job: RunJob = run_job or self.engine.run
         self.store = JobStore(config.data_dir)
@@ -163,6 +175,7 @@ class JobManager:
         request = parse_request(body, self.config, self.catalog)
         converted = to_collage(request, self.config)
         library_choices(request, converted, self.catalog, self.engine)
+        ip_adapter_problems(request, converted, self.catalog, self.engine)
         converted.embeddings = embedding_files(
             request, self.catalog, lambda: self.catalog.details(converted.model, self.engine).family
         )

@@ -1,6 +1,6 @@
 """`collage`: generate from a layered document on the command line.
 
-    collage generate INPUT -o OUT.png|OUT.ora [--layers] [--model demo] [--models-dir DIR] [--lora FILE_OR_NAME[:WEIGHT]] [--steps 30] [--seed 0] [--variants 1] [-v]
+    collage generate INPUT -o OUT.png|OUT.ora [--layers] [--model demo] [--models-dir DIR] [--lora FILE_OR_NAME[:WEIGHT]] [--ip-adapter FILE --image-encoder PATH] [--steps 30] [--seed 0] [--variants 1] [-v]
     collage generate INPUT -o OUT.png --base EARLIER.png --regenerate-mask SELECTION.png [--dilation 8]
     collage inspect INPUT [-v]
 
@@ -135,6 +135,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     pieces.add_argument("--canny-low", type=int, default=100)
     pieces.add_argument("--canny-high", type=int, default=200)
+    pieces.add_argument(
+        "--ip-adapter",
+        type=Path,
+        help='the IP-Adapter file for layers with appearance "ip-adapter" (default: one of --models-dir '
+        "models/ipadapter that fits the model); with --image-encoder",
+    )
+    pieces.add_argument(
+        "--image-encoder", type=Path, help="the CLIP image encoder (file or folder) of --ip-adapter"
+    )
 
     ins = commands.add_parser("inspect", parents=[common], help="show how a document is read as a collage")
     ins.add_argument("input", type=Path)
@@ -186,7 +195,11 @@ def _inspect(args) -> int:
             f"  [{i}] {layer.text!r}: {w}×{h} at {layer.offset}, opacity {layer.opacity:.2f},"
             f" strength {c.layer_strength(layer):.2f}, attention {layer.attention_weight:g},"
             f" control {layer.control_weight:g}, appearance {appearance_mode(layer.appearance)}"
-            + (f" {layer.appearance_weight:g}" if appearance_mode(layer.appearance) == "reference" else "")
+            + (
+                f" {layer.appearance_weight:g}"
+                if appearance_mode(layer.appearance) in ("reference", "ip-adapter")
+                else ""
+            )
         )
     for warning in doc.warnings:
         print(f"  note: {warning}")
@@ -246,6 +259,33 @@ def _model_reference(args) -> tuple[str, Path | None]:
             f"(which has: {shown or 'none'})"
         )
     return ref, config
+
+
+def _ip_adapter(args):
+    """`EngineOptions.ip_adapter`: --ip-adapter with --image-encoder, else a function finding the
+    pair of --models-dir that fits the loaded model (None without either)."""
+    from .ip_adapter_files import IPAdapterFiles
+    from .model_library import ModelLibrary, find_ip_adapter
+
+    if (args.ip_adapter is None) != (args.image_encoder is None):
+        raise CollageError(
+            [
+                "--ip-adapter, --image-encoder: give both (an IP-Adapter and the image encoder it was trained with)"
+            ]
+        )
+    if args.ip_adapter is not None:
+        missing = [
+            f"{o}: {p} does not exist"
+            for o, p in (("--ip-adapter", args.ip_adapter), ("--image-encoder", args.image_encoder))
+            if not p.exists()
+        ]
+        if missing:
+            raise CollageError(missing)
+        return IPAdapterFiles(args.ip_adapter, args.image_encoder)
+    if not args.models_dir:
+        return None
+    library = ModelLibrary(args.models_dir)
+    return lambda model: find_ip_adapter(library, model.pipeline.unet.config.cross_attention_dim)
 
 
 def _controlnet_reference(args) -> str | None:
@@ -367,6 +407,7 @@ def _generate(args) -> int:
     regenerate = _regenerate(args, collage.width, collage.height)
 
     loras = _lora_specs(args)
+    ip_adapter = _ip_adapter(args)
     embeddings = _embedding_files(args, collage)
     ref, config = _model_reference(args)
     print(f"loading model {args.model!r}" + (f" ({ref})" if ref != args.model else "") + "…", file=sys.stderr)
@@ -381,6 +422,7 @@ def _generate(args) -> int:
         control_end=args.control_end,
         canny_low=args.canny_low,
         canny_high=args.canny_high,
+        ip_adapter=ip_adapter,
         **{k: v for k, v in spatial.items() if v is not None},
     )
     hooks, warnings = build_hooks(model, collage, options)

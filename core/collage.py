@@ -30,8 +30,8 @@ class CollageError(ValueError):
         super().__init__("; ".join(self.problems))
 
 
-APPEARANCE_MODES = ("off", "learned", "reference")
-APPEARANCE_HELP = 'must be "off", "learned", "reference", true (= "learned") or false (= "off")'
+APPEARANCE_MODES = ("off", "learned", "reference", "ip-adapter")
+APPEARANCE_HELP = 'must be "off", "learned", "reference", "ip-adapter", true (= "learned") or false (= "off")'
 
 
 def appearance_mode(value: object) -> str | None:
@@ -58,9 +58,10 @@ class Layer:
     attention_weight: float = 1.0  # masked cross-attention bias weight (0 = off)
     control_weight: float = 0.0  # ControlNet residual weight inside this layer (0 = off)
     # False/"off", True/"learned" (a textual-inversion token from its pixels), or "reference"
-    # (masked reference attention, core/reference.py); see `appearance_mode`
+    # (masked reference attention, core/reference.py) or "ip-adapter" (its image through an
+    # IP-Adapter, inside its mask: core/ip_adapter.py); see `appearance_mode`
     appearance: bool | str = False
-    appearance_weight: float = 1.0  # weight of the reference (0 = off), "reference" only
+    appearance_weight: float = 1.0  # weight of the reference or IP-Adapter (0 = off)
 
     @property
     def width(self) -> int:

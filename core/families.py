@@ -94,6 +94,9 @@ class ModelFamily:
     # final layer norm (SD 1/2: yes, as A1111 and diffusers do; SDXL was trained on the raw one).
     default_clip_skip: int = 1
     clip_skip_layer_norm: bool = True
+    # IP-Adapter (core/ip_adapter.py): its image tokens are `context_dim` wide (that is how a
+    # file's family is told); the adapter files and image encoders people use with it, for messages.
+    ip_adapter_files: str = ""
 
     @property
     def pipeline_class(self):
@@ -276,6 +279,7 @@ SD1 = StableDiffusionFamily(
     context_dim=768,
     canny_controlnet="lllyasviel/control_v11p_sd15_canny",
     controlnet_config_name="sd15-controlnet",
+    ip_adapter_files="ip-adapter_sd15.safetensors (or -plus_sd15) with CLIP-ViT-H-14-laion2B-s32B-b79K",
 )
 SD2 = StableDiffusionFamily(
     id="sd2",
@@ -317,6 +321,10 @@ SDXL = StableDiffusionXLFamily(
     controlnet_config_name="sdxl-controlnet",
     default_clip_skip=2,  # the penultimate layer, as SDXL was trained and diffusers encodes it
     clip_skip_layer_norm=False,
+    ip_adapter_files=(
+        "ip-adapter_sdxl.safetensors with CLIP-ViT-bigG-14-laion2B-39B-b160k, or "
+        "ip-adapter(-plus)_sdxl_vit-h.safetensors with CLIP-ViT-H-14-laion2B-s32B-b79K"
+    ),
 )
 
 FAMILIES: dict[str, ModelFamily] = {f.id: f for f in (SD1, SD2, SDXL)}

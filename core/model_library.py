@@ -1,18 +1,19 @@
-"""The painter's own model folders: checkpoints, LoRAs, textual-inversion embeddings and
-ControlNets, found in ComfyUI's or A1111/Forge's layout or in a plain folder, each told from its
+"""The painter's own model folders: checkpoints, LoRAs, textual-inversion embeddings,
+ControlNets, IP-Adapters and CLIP image encoders, found in ComfyUI's or A1111/Forge's layout or in a plain folder, each told from its
 header (`core.weight_files`), never from its weights.
 
 Layouts. A models dir is searched for kind folders, in itself and in its `models/` subfolder (so
 the ComfyUI or A1111 root and their `models/` folder both work; names compared without case):
 
     ComfyUI      models/checkpoints  models/diffusers  models/loras  models/embeddings  models/controlnet
+                 models/ipadapter  models/clip_vision
     A1111/Forge  models/Stable-diffusion  models/Lora  models/LyCORIS  embeddings/  models/ControlNet
 
 A dir with none of them is a plain folder: every weights file and diffusers folder under it is
 classified by its header. In a kind folder every weights file is listed under that kind, and one
 that is something else (a LoRA among checkpoints), damaged, truncated or of a family the engine
 does not run is listed with `error` saying so: the painter sees why it cannot be chosen. In a
-plain folder what is none of the four kinds (a VAE, an upscaler, a damaged file) is skipped with
+plain folder what is none of the kinds (a VAE, an upscaler, a damaged file) is skipped with
 one log line. Loose files beside the kind folders of a laid-out dir are not listed.
 
 Names. An entry's name is its path relative to its kind folder (a plain folder: to the dir),
@@ -44,12 +45,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .demo_model import DEMO_MODEL_ID
-from .families import ModelFamily, UnsupportedModelError, checkpoint_family, families_of_unet_config
+from .families import FAMILIES, ModelFamily, UnsupportedModelError, checkpoint_family, families_of_unet_config
+from .ip_adapter_files import (
+    ImageEncoderInfo,
+    IPAdapterError,
+    IPAdapterFiles,
+    IPAdapterInfo,
+    describe_image_encoder,
+    describe_ip_adapter,
+)
 from .model_sources import MODEL_FILE_SUFFIXES, ModelLoadError, folder_family, peek_model
 from .weight_files import (
     CHECKPOINT,
+    CLIP_VISION,
     CONTROLNET,
     EMBEDDING,
+    IPADAPTER,
     KIND_WORDS,
     KINDS,
     LORA,
@@ -73,6 +84,8 @@ KIND_FOLDERS = (
     ("lycoris", LORA),
     ("embeddings", EMBEDDING),
     ("controlnet", CONTROLNET),
+    ("ipadapter", IPADAPTER),
+    ("clip_vision", CLIP_VISION),
 )
 CONFIG_SUFFIX = ".config"  # `<stem>.config/`: a single-file checkpoint's diffusers configuration
 _MAX_DEPTH = 12  # folders below a kind folder (a symbolic link loop ends here at the latest)
@@ -91,6 +104,8 @@ class LibraryEntry:
     native_size: int = 0  # checkpoints: the side of the square it was trained at (0: unknown)
     context_dim: int | None = None  # LoRAs, ControlNets: the width of text features they read
     config: Path | None = None  # checkpoints: the sidecar diffusers configuration, if any
+    ip_adapter: IPAdapterInfo | None = None  # IP-Adapters: what its shapes say
+    image_encoder: ImageEncoderInfo | None = None  # CLIP image encoders: their widths
 
     @property
     def usable(self) -> bool:
@@ -119,6 +134,8 @@ class _Facts:
     error: str = ""
     native_size: int = 0
     context_dim: int | None = None
+    ip_adapter: IPAdapterInfo | None = None
+    image_encoder: ImageEncoderInfo | None = None
 
 
 class ModelLibrary:
@@ -311,11 +328,12 @@ def _walk(folder: Path, kind: str | None, top: Path, depth: int, visited: set[Pa
 
 
 def _is_model_folder(folder: Path) -> bool:
-    """A diffusers pipeline folder, or a diffusers model (a ControlNet, once its config is read);
-    other folders are walked into."""
+    """A diffusers pipeline folder, a diffusers model (a ControlNet, once its config is read) or a
+    transformers model (a CLIP image encoder); other folders are walked into."""
     if (folder / "model_index.json").is_file():
         return True
-    return (folder / "config.json").is_file() and any(folder.glob("diffusion_pytorch_model*"))
+    weights = ("diffusion_pytorch_model*", "model.safetensors", "pytorch_model.bin")
+    return (folder / "config.json").is_file() and any(any(folder.glob(w)) for w in weights)
 
 
 def _stat_stamp(path: Path) -> tuple | None:
@@ -348,11 +366,13 @@ def _entry(found: _Found, kind: str, facts: _Facts) -> LibraryEntry:
         native_size=facts.native_size,
         context_dim=facts.context_dim,
         config=found.config if kind == CHECKPOINT else None,
+        ip_adapter=facts.ip_adapter,
+        image_encoder=facts.image_encoder,
     )
 
 
 # --- reading one file or folder ------------------------------------------------------------------
-_NONE_OF = "none of a checkpoint, LoRA, embedding or ControlNet"
+_NONE_OF = "none of a checkpoint, LoRA, embedding, ControlNet, IP-Adapter or CLIP image encoder"
 
 
 def _read_facts(found: _Found) -> _Facts:
@@ -398,6 +418,14 @@ def _file_facts(found: _Found) -> _Facts:
 
         info = describe_controlnet_weights(list(names.shapes), names.shape_of)
         return _Facts(kind, info.family, context_dim=info.context_dim)
+    if kind == IPADAPTER:
+        try:
+            adapter = describe_ip_adapter(names)
+        except IPAdapterError as e:
+            return _Facts(kind, error=f"it cannot be used: {e}")
+        return _Facts(kind, adapter.family, context_dim=adapter.context_dim, ip_adapter=adapter)
+    if kind == CLIP_VISION:
+        return _Facts(kind, image_encoder=describe_image_encoder(found.path))
     return _Facts(kind)  # a VAE, or weights of no kind listed
 
 
@@ -409,6 +437,11 @@ def _folder_facts(folder: Path) -> _Facts:
             return _Facts(CHECKPOINT, error=str(e))
         return _Facts(CHECKPOINT, family, native_size=peek_model(folder)[1] or family.native_size)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if isinstance(config, dict) and "CLIPVisionModelWithProjection" in (config.get("architectures") or []):
+        try:
+            return _Facts(CLIP_VISION, image_encoder=describe_image_encoder(folder))
+        except IPAdapterError as e:
+            return _Facts(CLIP_VISION, error=str(e))
     if not isinstance(config, dict) or config.get("_class_name") != "ControlNetModel":
         return _Facts(None)  # a lone U-Net, a VAE, ...
     families = families_of_unet_config(config)
@@ -418,3 +451,25 @@ def _folder_facts(folder: Path) -> _Facts:
         families[0] if len(families) == 1 else None,
         context_dim=width if isinstance(width, int) else None,
     )
+
+
+# --- IP-Adapters with their image encoders ---------------------------------------------------------
+def find_ip_adapter(library: ModelLibrary | None, context_dim: int) -> IPAdapterFiles | None:
+    """The first usable IP-Adapter (by name) for a U-Net reading `context_dim`-wide text features,
+    with the first usable image encoder whose features it reads; None when there is no such pair."""
+    if library is None:
+        return None
+    listing = library.listing()
+    encoders = [e for e in listing[CLIP_VISION] if e.usable and e.image_encoder is not None]
+    for adapter in listing[IPADAPTER]:
+        if not adapter.usable or adapter.ip_adapter is None or adapter.ip_adapter.context_dim != context_dim:
+            continue
+        encoder = next((e for e in encoders if e.image_encoder.fits(adapter.ip_adapter)), None)
+        if encoder is not None:
+            return IPAdapterFiles(adapter.path, encoder.path)
+    return None
+
+
+def ip_adapter_families(library: ModelLibrary | None) -> list[str]:
+    """The ids of the families the library has an IP-Adapter and a fitting image encoder for."""
+    return [f.id for f in FAMILIES.values() if find_ip_adapter(library, f.context_dim) is not None]

@@ -6,11 +6,13 @@ their weights are > 0 (docs/attention.md, "Spatial modes"); appearance tokens (�
 for every layer with `appearance` on (inside `generate`); per-layer strength (§4) always;
 ControlNet (§3) when a ControlNet was configured (the demo model brings its own) and a layer has a
 `control_weight` > 0. Reference attention (core/reference.py) for every layer with
-``appearance: "reference"`` and an `appearance_weight` > 0.
+``appearance: "reference"`` and an `appearance_weight` > 0; the masked IP-Adapter
+(core/ip_adapter.py) for every layer with ``appearance: "ip-adapter"`` and a weight > 0.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -18,6 +20,8 @@ from .attention import masked_attention_hook
 from .collage import Collage, appearance_mode
 from .control import CannyDetector, controlnet_hook, load_controlnet, missing_controlnet_warning
 from .demo_model import DEMO_MODEL_ID, DEMO_VERSION
+from .ip_adapter import ip_adapter_hook
+from .ip_adapter_files import IPAdapterFiles
 from .models import ModelLoadError
 from .reference import reference_attention_hook
 from .regional import regional_hook
@@ -42,6 +46,9 @@ class EngineOptions:
     canny_low: int = 100
     canny_high: int = 200
     reference_end: float = 1.0  # fraction of the schedule (from pure noise) reference layers act in
+    # The IP-Adapter and image encoder for "ip-adapter" layers: the files, or a function of the
+    # loaded model that finds them (the model folders'; None: there is none for that model).
+    ip_adapter: IPAdapterFiles | Callable[[object], IPAdapterFiles | None] | None = None
 
 
 def build_hooks(
@@ -87,6 +94,10 @@ def build_hooks(
                 schedule=options.attention_schedule,
             )
         )
+    # After masked attention and regional conditioning: it wraps their attn2 processor.
+    if any(appearance_mode(layer.appearance) == "ip-adapter" for layer in collage.layers):
+        found = options.ip_adapter(model) if callable(options.ip_adapter) else options.ip_adapter
+        hooks.append(partial(ip_adapter_hook, files=found))
     controlnet = None
     ref = options.controlnet
     family = getattr(model, "family", None)

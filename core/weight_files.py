@@ -18,7 +18,8 @@ from pathlib import Path
 from .families import FAMILIES, SD1, SD2, SDXL, ModelFamily
 
 CHECKPOINT, LORA, EMBEDDING, CONTROLNET = "checkpoint", "lora", "embedding", "controlnet"
-KINDS = (CHECKPOINT, LORA, EMBEDDING, CONTROLNET)
+IPADAPTER, CLIP_VISION = "ipadapter", "clip_vision"  # IP-Adapters and their image encoders
+KINDS = (CHECKPOINT, LORA, EMBEDDING, CONTROLNET, IPADAPTER, CLIP_VISION)
 VAE = "vae"  # recognised only to say what a misplaced file is; not a kind the library lists
 #: Suffixes of weights files; anything else in a model folder (previews, .yaml, .json notes) is not one.
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -27,6 +28,8 @@ KIND_WORDS = {
     LORA: "a LoRA",
     EMBEDDING: "a textual-inversion embedding",
     CONTROLNET: "a ControlNet",
+    IPADAPTER: "an IP-Adapter",
+    CLIP_VISION: "a CLIP image encoder",
     VAE: "a VAE",
 }
 
@@ -143,6 +146,14 @@ def kind_of(names: WeightNames) -> str | None:
         return CONTROLNET
     if model_checkpoint_problem(keys) is None:
         return CHECKPOINT
+    # Before LoRAs: FaceID IP-Adapters carry LoRA weights beside their own.
+    if any(k.startswith("image_proj.") for k in keys) and any(k.startswith("ip_adapter.") for k in keys):
+        return IPADAPTER
+    if (
+        "vision_model.embeddings.class_embedding" in names.shapes
+        and "visual_projection.weight" in names.shapes
+    ):
+        return CLIP_VISION
     if any(_LORA_KEY.search(k) for k in keys):
         return LORA
     if any(k in _EMBEDDING_KEYS or k.startswith("string_to_param.") for k in keys):

@@ -89,6 +89,77 @@ def big_checkpoint(path: Path, source: Path, gigabytes: float) -> Path:
     return path
 
 
+def header_only(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
+    """A .safetensors file with these names and shapes whose data is a hole (never written):
+    real-size IP-Adapters and image encoders for listing."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 2 * int(np.prod(shape))
+        header[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+    os.truncate(path, 8 + len(raw) + offset)
+    return path
+
+
+def real_ip_adapter(path: Path, width: int, embeds: int, plus: bool = False) -> Path:
+    """An IP-Adapter's names and shapes at a family's width (`width`: 768 SD 1.x, 2048 SDXL),
+    reading `embeds`-wide image features; two of its cross-attention layers suffice for listing."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "ip_adapter.1.to_k_ip.weight": (320, width),
+        "ip_adapter.1.to_v_ip.weight": (320, width),
+        "ip_adapter.3.to_k_ip.weight": (320, width),
+        "ip_adapter.3.to_v_ip.weight": (320, width),
+    }
+    if plus:
+        shapes |= {"image_proj.latents": (1, 16, 768), "image_proj.proj_in.weight": (768, embeds)}
+    else:
+        shapes |= {"image_proj.proj.weight": (4 * width, embeds), "image_proj.norm.weight": (width,)}
+    return header_only(path, shapes)
+
+
+def real_image_encoder(path: Path, width: int, projection: int) -> Path:
+    """A CLIP image encoder's names and shapes (ViT-H/14: 1280 wide, 1024-wide embeddings)."""
+    return header_only(
+        path,
+        {
+            "vision_model.embeddings.class_embedding": (width,),
+            "vision_model.embeddings.patch_embedding.weight": (width, 3, 14, 14),
+            "visual_projection.weight": (projection, width),
+        },
+    )
+
+
+def ip_adapter_files(out: Path, demo_model_dir: Path) -> dict[str, Path]:
+    """Real-shaped IP-Adapters (SD 1.5's, SDXL's base and plus) and image encoders (ViT-H, bigG)
+    for listing, and tiny random ones that run on the demo model."""
+    from core.models import load_pipeline
+    from core.random_ip_adapter import (
+        build_random_image_encoder,
+        random_ip_adapter_state,
+        save_image_encoder,
+        save_ip_adapter,
+    )
+
+    demo = load_pipeline("demo").pipeline
+    encoder = build_random_image_encoder()
+    return {
+        "ipa-sd15": real_ip_adapter(out / "ip-adapter_sd15.safetensors", 768, 1024),
+        "ipa-sdxl": real_ip_adapter(out / "ip-adapter_sdxl.safetensors", 2048, 1280),
+        "ipa-plus-sdxl-vith": real_ip_adapter(
+            out / "ip-adapter-plus_sdxl_vit-h.safetensors", 2048, 1280, plus=True
+        ),
+        "vit-h": real_image_encoder(out / "CLIP-ViT-H-14.safetensors", 1280, 1024),
+        "vit-bigg": real_image_encoder(out / "CLIP-ViT-bigG-14.safetensors", 1664, 1280),
+        "ipa-demo": save_ip_adapter(random_ip_adapter_state(demo.unet, 24, scale=3.0), out / "ipa-demo.bin"),
+        "vit-tiny": save_image_encoder(encoder, out / "vit-tiny.safetensors"),
+        "vit-tiny-dir": save_image_encoder(encoder, out / "vit-tiny"),
+    }
+
+
 def make_library_files(out: Path, demo_model_dir: Path, tiny_sdxl_dir: Path) -> dict[str, Path]:
     """Every kind of file, written once: LDM checkpoints of the demo model and the tiny SDXL,
     LoRAs, embeddings, an SDXL ControlNet as a diffusers folder and as an original-layout file."""
@@ -133,6 +204,7 @@ def make_library_files(out: Path, demo_model_dir: Path, tiny_sdxl_dir: Path) -> 
         str(vae),
     )
     files["vae"] = vae
+    files |= ip_adapter_files(out, demo_model_dir)
     return files
 
 
@@ -158,8 +230,9 @@ def listed(library: ModelLibrary) -> dict[str, dict[str, tuple[str, str]]]:
 
 def assert_listed(found: dict, expected: dict) -> None:
     """`found` (from `listed`) has exactly the expected names, families and errors; an expected
-    error is the start of the error."""
-    assert found.keys() == expected.keys()
+    error is the start of the error. A kind `expected` does not name must have no entry."""
+    assert expected.keys() <= found.keys()
+    expected = {kind: expected.get(kind, {}) for kind in found}
     for kind, entries in expected.items():
         assert found[kind].keys() == entries.keys(), kind
         for name, (family, error) in entries.items():
@@ -183,6 +256,13 @@ COMFY = {
     "models/controlnet/xl-canny.safetensors": "cn-xl.safetensors",
     "models/controlnet/xl-canny-diffusers": "cn-xl-dir",
     "models/vae/vae.safetensors": "vae",
+    "models/ipadapter/ip-adapter_sd15.safetensors": "ipa-sd15",
+    "models/ipadapter/sdxl/ip-adapter_sdxl.safetensors": "ipa-sdxl",
+    "models/ipadapter/sdxl/ip-adapter-plus_sdxl_vit-h.safetensors": "ipa-plus-sdxl-vith",
+    "models/ipadapter/tiny/ipa-demo.bin": "ipa-demo",
+    "models/ipadapter/misplaced.safetensors": "vit-h",
+    "models/clip_vision/CLIP-ViT-H-14.safetensors": "vit-h",
+    "models/clip_vision/tiny-vit": "vit-tiny-dir",
 }
 
 

@@ -108,6 +108,42 @@ async def test_the_bridge_lists_the_model_folders_and_runs_a_library_checkpoint(
     assert "new/xl.safetensors" in info.models
 
 
+@pytest.mark.asyncio
+async def test_ip_adapter_jobs_need_one_of_the_model_folders(aiohttp_client, library_files, tmp_path):
+    """/info says which families have an IP-Adapter; a job asking for one runs with the library's
+    (here a tiny one for the demo model's width) and is refused naming the layer without one."""
+    ip_layer = T.solid_layer("salmon sushi", 24, 16, (250, 120, 90, 255), x=8, y=8, appearance="ip-adapter")
+    request = T.small_request(steps=3, layers=[ip_layer, T.small_request().layers[1]])
+    layout = {k: v for k, v in COMFY.items() if "/ipadapter/" in k or "/clip_vision/" in k}
+    comfy = place(library_files, tmp_path / "ComfyUI", layout)
+    client = await aiohttp_client(create_app(BridgeConfig(data_dir=tmp_path / "b1", models_dirs=(comfy,))))
+    info = wire.InfoResponse.from_dict(await (await client.get(wire.ROUTE_INFO)).json())
+    assert info.ip_adapter_families == ["sd1", "sdxl"]
+    assert "tiny/ipa-demo.bin" in [e.name for e in info.ipadapters]
+    assert {e.name for e in info.clip_vision} == {"CLIP-ViT-H-14.safetensors", "tiny-vit"}
+    r = await T.submit(client, request)
+    assert r.status == 202, await r.text()
+    done = await T.wait_done(client, (await r.json())["id"])
+    assert done.state == wire.DONE, done.error
+
+    # Only an SDXL adapter: a demo (SD 1.x) job asking for one is refused, naming the layer.
+    sdxl_only = place(library_files, tmp_path / "xl", {"models/ipadapter/xl.safetensors": "ipa-sdxl"})
+    client = await aiohttp_client(
+        create_app(BridgeConfig(data_dir=tmp_path / "b2", models_dirs=(sdxl_only,)))
+    )
+    info = wire.InfoResponse.from_dict(await (await client.get(wire.ROUTE_INFO)).json())
+    assert info.ip_adapter_families == []  # no image encoder
+    r = await T.submit(client, request)
+    problems = (await r.json())["problems"]
+    assert r.status == 422 and problems[0].startswith(
+        'layers[0].appearance: "ip-adapter" needs an IP-Adapter for Stable Diffusion 1.x'
+    ), problems
+    # Weight 0 asks for nothing.
+    ip_layer.appearance_weight = 0.0
+    r = await T.submit(client, T.small_request(steps=2, layers=[ip_layer]))
+    assert r.status == 202, await r.text()
+
+
 def test_the_bridge_command_line_takes_models_dirs(tmp_path, capsys):
 
     (tmp_path / "a").mkdir()

@@ -13,12 +13,21 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.model_library import ModelLibrary, kind_folders, resolve_model_name
+from core.ip_adapter_files import IPAdapterFiles
+from core.model_library import (
+    ModelLibrary,
+    find_ip_adapter,
+    ip_adapter_families,
+    kind_folders,
+    resolve_model_name,
+)
 from core.model_sources import ModelLoadError
 from core.weight_files import (
     CHECKPOINT,
+    CLIP_VISION,
     CONTROLNET,
     EMBEDDING,
+    IPADAPTER,
     KINDS,
     LORA,
     WeightNames,
@@ -58,6 +67,14 @@ def test_a_comfyui_tree(library_files, tmp_path):
         },
         EMBEDDING: {"bad-hands.pt": ("sd1", ""), "xl-negative.safetensors": ("sdxl", "")},
         CONTROLNET: {"xl-canny.safetensors": ("sdxl", ""), "xl-canny-diffusers": ("sdxl", "")},
+        IPADAPTER: {
+            "ip-adapter_sd15.safetensors": ("sd1", ""),
+            "sdxl/ip-adapter_sdxl.safetensors": ("sdxl", ""),
+            "sdxl/ip-adapter-plus_sdxl_vit-h.safetensors": ("sdxl", ""),
+            "tiny/ipa-demo.bin": ("", ""),  # 32 wide: no family's width
+            "misplaced.safetensors": ("", "it is a CLIP image encoder, not an IP-Adapter"),
+        },
+        CLIP_VISION: {"CLIP-ViT-H-14.safetensors": ("", ""), "tiny-vit": ("", "")},
     }
     for models_dir in (root, root / "models"):  # the ComfyUI root or its models/ folder
         assert_listed(listed(ModelLibrary([models_dir])), expected)
@@ -113,6 +130,9 @@ def test_a_plain_folder_is_classified_by_header(library_files, tmp_path, caplog)
             "canny": "cn-xl-dir",
             "vae.safetensors": "vae",
             "broken.safetensors": "broken",
+            "ipa/sd15.safetensors": "ipa-sd15",
+            "vision": "vit-tiny-dir",
+            "vision-h.safetensors": "vit-h",
         },
     )
     (root / "random.bin").write_bytes(b"\x00" * 100)
@@ -127,6 +147,8 @@ def test_a_plain_folder_is_classified_by_header(library_files, tmp_path, caplog)
         LORA: {"style.safetensors": ("sdxl", "")},
         EMBEDDING: {"emb.pt": ("sd1", "")},
         CONTROLNET: {"canny": ("sdxl", "")},
+        IPADAPTER: {"ipa/sd15.safetensors": ("sd1", "")},
+        CLIP_VISION: {"vision": ("", ""), "vision-h.safetensors": ("", "")},
     }
     skipped = {r.getMessage().split(": ")[1] for r in caplog.records}
     assert skipped == {f"skipped {root / n}" for n in ("vae.safetensors", "broken.safetensors", "random.bin")}
@@ -347,6 +369,43 @@ def test_unsupported_checkpoints_are_listed_with_the_reason(tmp_path):
     assert errors["unet.pth"] == "a model file must be .safetensors or .ckpt, not .pth"
 
 
+def test_ip_adapters_pair_with_an_image_encoder_they_read(library_files, tmp_path):
+    """An IP-Adapter's family is its tokens' width; it is offered with the first image encoder
+    whose features it reads (SD 1.5's and the SDXL plus-ViT-H read ViT-H, SDXL's base bigG)."""
+    root = place(library_files, tmp_path / "ComfyUI", COMFY)
+    library = ModelLibrary([root])
+    adapters = {e.name: e.ip_adapter for e in library.entries(IPADAPTER) if e.usable}
+    assert adapters["ip-adapter_sd15.safetensors"].image_embed_dim == 1024
+    assert adapters["sdxl/ip-adapter-plus_sdxl_vit-h.safetensors"].kind == "plus"
+    assert ip_adapter_families(library) == ["sd1", "sdxl"]
+    models = root / "models"
+    assert find_ip_adapter(library, 768) == IPAdapterFiles(
+        models / "ipadapter/ip-adapter_sd15.safetensors", models / "clip_vision/CLIP-ViT-H-14.safetensors"
+    )
+    assert find_ip_adapter(library, 2048) == IPAdapterFiles(
+        models / "ipadapter/sdxl/ip-adapter-plus_sdxl_vit-h.safetensors",
+        models / "clip_vision/CLIP-ViT-H-14.safetensors",
+    )
+    assert find_ip_adapter(library, 32) == IPAdapterFiles(
+        models / "ipadapter/tiny/ipa-demo.bin", models / "clip_vision/tiny-vit"
+    )
+    assert find_ip_adapter(library, 1024) is None  # no SD 2.x adapter
+    # SDXL's base adapter with bigG only; SD 1.5's has no encoder then.
+    other = place(
+        library_files,
+        tmp_path / "other",
+        {
+            "models/ipadapter/ip-adapter_sdxl.safetensors": "ipa-sdxl",
+            "models/ipadapter/ip-adapter_sd15.safetensors": "ipa-sd15",
+            "models/clip_vision/bigG.safetensors": "vit-bigg",
+        },
+    )
+    library = ModelLibrary([other])
+    assert ip_adapter_families(library) == ["sdxl"]
+    assert find_ip_adapter(library, 2048).image_encoder == other / "models/clip_vision/bigG.safetensors"
+    assert ip_adapter_families(None) == [] and find_ip_adapter(None, 768) is None
+
+
 def test_the_wire_knows_the_kinds():
     assert wire.LIBRARY_KINDS == KINDS
 
@@ -365,6 +424,38 @@ def test_the_cli_generates_with_a_library_checkpoint(library_files, tmp_path, ca
     assert main([*args, "--model", "no-such.safetensors"]) == 2
     err = capsys.readouterr().err
     assert "no-such.safetensors" in err and "demo.safetensors" in err  # the names it has
+
+
+def test_the_cli_finds_the_ip_adapter_in_the_models_dir_or_takes_it_named(library_files, tmp_path, capsys):
+    from core.cli import main
+
+    doc = tmp_path / "bento"
+    shutil.copytree(EXAMPLES / "bento", doc)
+    manifest = doc / "collage.toml"
+    manifest.write_text(
+        manifest.read_text().replace('text = "rice"', 'text = "rice"\nappearance = "ip-adapter"')
+    )
+    assert main(["inspect", str(doc)]) == 0
+    assert "'rice': " in (shown := capsys.readouterr().out) and "appearance ip-adapter 1\n" in shown
+    out = tmp_path / "out.png"
+    args = ["generate", str(doc), "-o", str(out), "--steps", "2", "--model", "demo"]
+    assert main(args) == 2  # no IP-Adapter anywhere
+    assert (
+        'layers[0].appearance: "ip-adapter" needs an IP-Adapter for Stable Diffusion 1.x'
+        in capsys.readouterr().err
+    )
+    root = place(library_files, tmp_path / "ComfyUI", COMFY)
+    assert main([*args, "--models-dir", str(root)]) == 0, capsys.readouterr().err
+    assert out.is_file()
+    named = [
+        "--ip-adapter",
+        str(library_files["ipa-demo"]),
+        "--image-encoder",
+        str(library_files["vit-tiny"]),
+    ]
+    assert main([*args, *named]) == 0, capsys.readouterr().err
+    assert main([*args, *named[:2]]) == 2
+    assert "--ip-adapter, --image-encoder: give both" in capsys.readouterr().err
 
 
 # --- the bridge ---------------------------------------------------------------------------------------

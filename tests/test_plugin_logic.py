@@ -110,9 +110,10 @@ def test_settings_appearance_of_older_documents_and_bad_values():
         "layers": {
             "{a}": {"name": "cat", "appearance": True},
             "{b}": {"name": "ball", "appearance": False},
-            "{c}": {"name": "sign", "appearance": "ip-adapter", "appearance_weight": 42},
+            "{c}": {"name": "sign", "appearance": "style-transfer", "appearance_weight": 42},
             "{d}": {"name": "rug", "appearance": 1, "appearance_weight": "heavy"},
             "{e}": {"name": "tree"},
+            "{f}": {"name": "vase", "appearance": "ip-adapter", "appearance_weight": 0.5},
         }
     }
     layers = DocumentSettings.from_json(json.dumps(saved)).layers
@@ -122,6 +123,7 @@ def test_settings_appearance_of_older_documents_and_bad_values():
         "{c}": ("off", 10.0),  # an unknown mode is off; the weight clamped to 0..10
         "{d}": ("off", 1.0),
         "{e}": ("off", 1.0),
+        "{f}": ("ip-adapter", 0.5),
     }
     from_file = DocumentSettings.from_file_settings({"layers": {"cat": {"appearance": True}}})
     assert from_file.layers["name:cat"].appearance == "learned"

@@ -164,6 +164,10 @@ def test_any_canvas_size_from_64_is_valid():
         (dict(control_weight=float("nan")), "layers[1].control_weight: must be in 0..2"),
         (dict(appearance=1), 'layers[1].appearance: must be "off", "learned", "reference"'),
         (dict(appearance="ref"), "layers[1].appearance: must be"),
+        (
+            dict(appearance="ipadapter"),
+            'layers[1].appearance: must be "off", "learned", "reference", "ip-adapter"',
+        ),
         (dict(appearance_weight=11.0), "layers[1].appearance_weight: must be in 0..10"),
         (dict(visible="yes"), "layers[1].visible: must be true or false"),
         (dict(name=3), "layers[1].name: must be text"),
@@ -313,7 +317,7 @@ def test_clip_skip_reaches_the_collage(tmp_path):
 
 
 def test_appearance_choices_round_trip_and_reach_the_collage(tmp_path):
-    """`appearance` takes "off" / "learned" / "reference" and the older true / false; with
+    """`appearance` takes "off" / "learned" / "reference" / "ip-adapter" and the older true / false; with
     `appearance_weight` it reaches the engine's layer as sent."""
     from bridge_server.config import BridgeConfig
     from bridge_server.convert import to_collage
@@ -325,6 +329,7 @@ def test_appearance_choices_round_trip_and_reach_the_collage(tmp_path):
         (False, "off"),
         ("learned", "learned"),
         ("reference", "reference"),
+        ("ip-adapter", "ip-adapter"),
     ):
         req = request()
         req.layers[0] = dataclasses.replace(req.layers[0], appearance=value, appearance_weight=2.5)

@@ -10,7 +10,7 @@ Schema (every key optional; unknown keys are errors so that typos do not pass si
       "clip_skip": null,                   # 1 = last layer, 2 = penultimate; null = the model's
       "layers": {                          # keyed by the layer's name in the document
         "Layer 3": {"text": "salmon sushi", "strength": 0.6, "attention_weight": 1.0,
-                    "control_weight": 0.0, "appearance": false,   # or "learned", "reference"
+                    "control_weight": 0.0, "appearance": false,   # or "learned", "reference", "ip-adapter"
                     "appearance_weight": 1.0}
       },
       "results": ["collage result (seed 0)"]   # generated layers, skipped when reading

@@ -20,7 +20,7 @@ from .wire_png import crop_to_content, encode_png
 from .wire_protocol import API_VERSION, OUTPUTS, SCHEDULERS, Limits, WireError
 
 #: A layer's `appearance` choices (besides the older true = "learned" and false = "off").
-APPEARANCE_MODES = ("off", "learned", "reference")
+APPEARANCE_MODES = ("off", "learned", "reference", "ip-adapter")
 
 MAX_LORAS = 8
 MAX_LORA_WEIGHT = 4.0  # as core.loras.MAX_WEIGHT
@@ -45,9 +45,10 @@ class LayerSpec:
     attention_weight: float = 1.0  # masked cross-attention weight, 0..10 (0 = off)
     control_weight: float = 0.0  # ControlNet weight inside this layer, 0..2 (0 = off)
     # False/"off"; True/"learned" (a textual-inversion token learned from the layer's pixels);
-    # "reference" (masked reference attention to the layer's own pixels, no training)
+    # "reference" (masked reference attention to the layer's own pixels, no training);
+    # "ip-adapter" (the layer's image through the bridge's IP-Adapter, inside the layer only)
     appearance: bool | str = False
-    appearance_weight: float = 1.0  # weight of the reference, 0..10 (0 = off); "reference" only
+    appearance_weight: float = 1.0  # weight of the reference or IP-Adapter, 0..10 (0 = off)
 
     def to_dict(self) -> dict:
         return _encode(self)
@@ -302,8 +303,8 @@ class JobRequest:
                 p.append(f"{w}.visible: must be true or false, got {layer.visible!r}")
             if not isinstance(layer.appearance, bool) and layer.appearance not in APPEARANCE_MODES:
                 p.append(
-                    f'{w}.appearance: must be "off", "learned", "reference", true (= "learned") or'
-                    f' false (= "off"), got {layer.appearance!r}'
+                    f'{w}.appearance: must be "off", "learned", "reference", "ip-adapter", true'
+                    f' (= "learned") or false (= "off"), got {layer.appearance!r}'
                 )
             _check_number(p, f"{w}.appearance_weight", layer.appearance_weight, 0.0, 10.0)
             _check_number(p, f"{w}.opacity", layer.opacity, 0.0, 1.0)

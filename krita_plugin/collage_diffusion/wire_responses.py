@@ -184,7 +184,7 @@ class ModelDetails(_Message):
 
 
 #: Kinds of the model library's entries (a bridge started with --models-dir lists them in /info).
-LIBRARY_KINDS = ("checkpoint", "lora", "embedding", "controlnet")
+LIBRARY_KINDS = ("checkpoint", "lora", "embedding", "controlnet", "ipadapter", "clip_vision")
 
 
 @dataclass
@@ -221,6 +221,11 @@ class InfoResponse(_Message):
     loras: list[LibraryEntry] = field(default_factory=list)
     embeddings: list[LibraryEntry] = field(default_factory=list)
     controlnets: list[LibraryEntry] = field(default_factory=list)
+    ipadapters: list[LibraryEntry] = field(default_factory=list)  # IP-Adapters (models/ipadapter)
+    clip_vision: list[LibraryEntry] = field(default_factory=list)  # their image encoders
+    # The families ("sd1", "sdxl", ...) with a usable IP-Adapter and a fitting image encoder: a
+    # layer's appearance "ip-adapter" works for a model of one of them.
+    ip_adapter_families: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict) -> InfoResponse:
@@ -242,6 +247,8 @@ _LIBRARY_FIELDS = {
     "loras": "lora",
     "embeddings": "embedding",
     "controlnets": "controlnet",
+    "ipadapters": "ipadapter",
+    "clip_vision": "clip_vision",
 }
 
 
