@@ -251,3 +251,45 @@ def test_the_request_carries_model_and_loras():
         records, s, {"{a}": LayerSettings()}, (64, 64), (64, 64), loras=nine
     )
     assert plan is None and problems == ["loras: 9 LoRAs, more than the limit of 8"]
+
+
+def test_the_ip_adapter_look_is_offered_where_the_bridge_has_one():
+    with_sd1 = info(ip_adapter_families=["sd1"])
+    # Offered for the demo (SD 1.x) model; not for the SDXL one, saying which family lacks it.
+    assert choices.ip_adapter_missing(with_sd1, "") == ""
+    assert choices.ip_adapter_missing(with_sd1, "sd15/photo.safetensors") == ""
+    assert choices.ip_adapter_missing(with_sd1, "tiny-xl") == (
+        "the bridge has no IP-Adapter with its image encoder for Stable Diffusion XL models"
+    )
+    # A bridge that lists none (an older one has no such field): missing for every family.
+    assert "Stable Diffusion 1.x" in choices.ip_adapter_missing(info(), "")
+    # Not connected, or a model /info does not describe: the bridge judges the job.
+    assert choices.ip_adapter_missing(None, "tiny-xl") == ""
+    assert choices.ip_adapter_missing(with_sd1, "gone") == ""
+
+
+def test_generate_refuses_an_ip_adapter_look_the_bridge_cannot_run():
+    png = wire.encode_png(8, 8, bytes((200, 10, 10, 255)) * 64)
+    records = [
+        LayerRecord(uid=uid, name=name, kind="paintlayer", doc_box=(0, 0, 8, 8), png=png, x=0, y=0)
+        for uid, name in (("{a}", "vase"), ("{b}", "cat"))
+    ]
+    s = DocumentSettings(prompt="a vase and a cat", model="tiny-xl")
+    layers = {
+        "{a}": LayerSettings(appearance="ip-adapter", appearance_weight=0.8),
+        "{b}": LayerSettings(appearance="ip-adapter", appearance_weight=0.0),  # weight 0: off
+    }
+    missing = choices.ip_adapter_missing(info(ip_adapter_families=["sd1"]), s.model)
+    plan, problems = build_request(records, s, layers, (64, 64), (64, 64), ip_adapter_missing=missing)
+    assert plan is None and len(problems) == 1, problems
+    assert problems[0].startswith(
+        "The layer 'vase' has the look 'ip-adapter', but the bridge has no IP-Adapter"
+    )
+    # Where the bridge has one, the look and its weight reach the request.
+    plan, problems = build_request(records, s, layers, (64, 64), (64, 64), ip_adapter_missing="")
+    assert problems == []
+    sent = json.loads(plan.request.to_json())["layers"]
+    assert [(x["appearance"], x["appearance_weight"]) for x in sent] == [
+        ("ip-adapter", 0.8),
+        ("ip-adapter", 0.0),
+    ]

@@ -31,6 +31,7 @@ CHECKS = [
     "dock_panel",
     "dock_model_and_loras",
     "dock_controlnet_and_clip_skip",
+    "dock_ip_adapter_look",
     "generate_regenerate_and_errors",
     "reconnects",
     "local_bridge",

@@ -272,6 +272,18 @@ def controlnet_choice(settings: DocumentSettings, info: InfoResponse | None) -> 
     return name, [problem]
 
 
+def ip_adapter_missing(info: InfoResponse | None, model: str) -> str:
+    """Why the bridge cannot run the "ip-adapter" look for the document's `model` ("" = it can;
+    also "" when not connected, or when /info does not tell the model's family: the bridge then
+    judges the job). /info's `ip_adapter_families` lists the families with an IP-Adapter and an
+    image encoder it reads."""
+    details = chosen_details(info, model)
+    if info is None or details is None or not details.family or details.family in info.ip_adapter_families:
+        return ""
+    family = details.family_label or details.family
+    return f"the bridge has no IP-Adapter with its image encoder for {family} models"
+
+
 def _fits(entry: LibraryEntry, family: str) -> bool:
     return not family or not entry.family or entry.family == family
 

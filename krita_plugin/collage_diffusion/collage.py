@@ -195,6 +195,7 @@ def build_request(
     regenerate_mask: bytes | None = None,
     controlnet: str | None = None,
     controlnet_problems: list[str] | None = None,
+    ip_adapter_missing: str = "",
 ) -> tuple[Plan | None, list[str]]:
     """The request for the layers that take part, or None and what stops it (plain sentences).
 
@@ -202,7 +203,9 @@ def build_request(
     by uniqueId (`DocumentSettings.resolve`). Layers ticked off in the dock are left out.
     `model` and `loras` are the request's (`choices.request_choices`); `controlnet` and its
     `controlnet_problems` (`choices.controlnet_choice`) count only when a layer that takes part
-    has a control weight (else no ControlNet runs: it is not sent). A regenerate redoes the
+    has a control weight (else no ControlNet runs: it is not sent). `ip_adapter_missing` is why the
+    bridge cannot run the "ip-adapter" look (`choices.ip_adapter_missing`; "" = it can, or the bridge
+    judges): a layer taking part with that look then stops the request. A regenerate redoes the
     layer `regenerate_uid`, or with `regenerate_mask` (a grey PNG of the selection at `size`)
     the selected pixels instead.
     """
@@ -270,6 +273,13 @@ def build_request(
     uses_structure = any(spec.control_weight > 0 for spec in specs)
     if uses_structure:
         problems += controlnet_problems or []
+    if ip_adapter_missing:
+        problems += [
+            f"The layer '{spec.name}' has the look 'ip-adapter', but {ip_adapter_missing}: choose another"
+            " look for it, or give the bridge an IP-Adapter (docs/appearance.md)."
+            for spec in specs
+            if spec.appearance == "ip-adapter" and spec.appearance_weight > 0
+        ]
     if problems:
         return None, problems
     # Without a prompt, the layers' texts, bottom to top, each once (as the CLI's readers do).

@@ -10,7 +10,7 @@ machinery; `CollageDock` puts it into a Krita docker.
 
 from __future__ import annotations
 
-from . import actions, document, preview_layer, qt
+from . import actions, choices, document, preview_layer, qt
 from .bridge_process import make_local_bridge
 from .collage import NodeInfo, layer_marks
 from .dock_models import ModelSection
@@ -225,12 +225,14 @@ class CollagePanel(W.QWidget):
             self.options_section.load(s)
         finally:
             self._loading = False
+        self._offer_looks()
 
     def _changed(self, *_args) -> None:
         if self._loading or self.doc is None:
             return
         self.prompt_section.store(self.settings)
         self.model_section.store(self.settings)
+        self._offer_looks()  # the model (so its family) may have changed
         self.options_section.store(self.settings)
         self._dirty = True
         self._save_timer.start(400)
@@ -355,6 +357,12 @@ class CollagePanel(W.QWidget):
 
     def _on_info(self) -> None:
         self.model_section.show_info(self.model.info)
+        self._offer_looks()
+
+    def _offer_looks(self) -> None:
+        """The looks the bridge can do for the chosen model (IP-Adapter only where it has one)."""
+        info = self.model.info
+        self.layers_section.offer_ip_adapter(choices.ip_adapter_missing(info, self.settings.model))
 
     def _on_error(self, text: str) -> None:
         self.error.setText(text)

@@ -95,6 +95,7 @@ class LayersSection(W.QGroupBox):
     def __init__(self, parent=None):
         super().__init__("Layers taking part", parent)
         self.rows: dict[str, LayerRow] = {}
+        self.ip_adapter_why_not = ""  # why the "ip-adapter" look is not offered ("" : it is)
         self.rows_layout = W.QVBoxLayout(self)
         self.rows_layout.setSpacing(3)
         self.no_layers = W.QLabel("Open a document: its visible layers appear here.")
@@ -110,6 +111,7 @@ class LayersSection(W.QGroupBox):
         self.rows = {}
         for info in reversed(listed):  # top first, as in Krita's Layers docker
             row = LayerRow(info)
+            row.offer_ip_adapter(self.ip_adapter_why_not)
             row.load(settings[info.uid])
             row.changed.connect(lambda uid=info.uid: self.row_changed.emit(uid))
             self.rows_layout.addWidget(row)
@@ -119,6 +121,12 @@ class LayersSection(W.QGroupBox):
             self.no_layers.setText("Open a document: its visible layers appear here.")
         else:
             self.no_layers.setText("No visible layer: show or paint a layer.")
+
+    def offer_ip_adapter(self, why_not: str) -> None:
+        """Offer the "ip-adapter" look in every row ("") or grey it out with why."""
+        self.ip_adapter_why_not = why_not
+        for row in self.rows.values():
+            row.offer_ip_adapter(why_not)
 
     def show_marks(self, marks: dict[str, str]) -> None:
         """Mark each row whose layer will not take part with why (`collage.layer_marks`)."""

@@ -18,13 +18,17 @@ MARK_TIPS = {
     "the background": "The bottom 'Background' is the image's background; type a text to make it an object.",
 }
 #: The "look" choices (the wire's appearance modes) and what each does, as the combo's tooltip.
-LOOKS = ("off", "reference", "learned")
+LOOKS = ("off", "reference", "learned", "ip-adapter")
 LOOK_TIP = (
     "Keep this layer's look in the result:\n"
     "off: only its text and region guide it\n"
     "reference: training-free, uses the layer's own pixels (weight: how strongly)\n"
-    "learned: textual inversion of the layer, slow the first time (then cached)"
+    "learned: textual inversion of the layer, slow the first time (then cached)\n"
+    "ip-adapter: the layer's image through the bridge's IP-Adapter, in its region only (weight: how"
+    " strongly); offered when the bridge has one for the model"
 )
+#: The looks whose weight (the spin box beside the combo) means something.
+WEIGHTED_LOOKS = ("reference", "ip-adapter")
 KIND_MARKS = {"paintlayer": "", "vectorlayer": " (vector)", "filelayer": " (file)", "filllayer": " (fill)"}
 
 
@@ -91,7 +95,9 @@ class LayerRow(W.QFrame):
         self.appearance_weight.setSingleStep(0.5)
         self.appearance_weight.setDecimals(1)
         self.appearance_weight.setValue(1.0)
-        self.appearance_weight.setToolTip("How strongly the reference keeps the layer's look (0: not at all)")
+        self.appearance_weight.setToolTip(
+            "How strongly the reference or the IP-Adapter keeps the layer's look (0: not at all)"
+        )
         top.addWidget(self.enabled, 1)
         top.addWidget(self.look_label)
         top.addWidget(self.appearance)
@@ -158,6 +164,15 @@ class LayerRow(W.QFrame):
         s.attention_weight = self.attention.value()
         s.control_weight = self.control.value()
 
+    def offer_ip_adapter(self, why_not: str) -> None:
+        """Offer the "ip-adapter" look, or show it greyed with `why_not` (the bridge has none for
+        the model). A layer that already has it keeps it, marked, so the document loses nothing;
+        Generate then says why it cannot run (`choices.ip_adapter_problems`)."""
+        item = self.appearance.model().item(LOOKS.index("ip-adapter"))
+        item.setEnabled(not why_not)
+        item.setToolTip(why_not)
+        item.setText("ip-adapter" + (" (not available)" if why_not else ""))
+
     def _on_look(self, _index: int) -> None:
         self._show_enabled(self._wanted)
         self.changed.emit()
@@ -189,6 +204,7 @@ class LayerRow(W.QFrame):
         on = on and not self.reason
         for widget in (self.strength, self.attention, self.control, self.look_label, self.appearance):
             widget.setEnabled(on)
-        # the weight is the reference's alone
-        self.appearance_weight.setEnabled(on and self.appearance.currentText() == "reference")
+        # the weight is the reference's and the IP-Adapter's alone
+        look = LOOKS[max(0, self.appearance.currentIndex())]
+        self.appearance_weight.setEnabled(on and look in WEIGHTED_LOOKS)
         self.text.setEnabled(on or (self._wanted and self.reason in self.FIXED_BY_TEXT))

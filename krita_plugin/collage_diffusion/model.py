@@ -189,6 +189,7 @@ class CollageModel(qt.QObject):
             regenerate_mask=mask,
             controlnet=controlnet,
             controlnet_problems=controlnet_problems,
+            ip_adapter_missing=choices.ip_adapter_missing(self.info, settings.model),
         )
         if plan is None:
             return self._refuse("\n".join(problems))

@@ -143,7 +143,7 @@ def dock_panel(report):
     # the look: the weight is the reference's alone
     eq(
         [cat.appearance.itemText(i) for i in range(cat.appearance.count())],
-        ["off", "reference", "learned"],
+        ["off", "reference", "learned", "ip-adapter"],
         "looks",
     )
     eq((cat.appearance.currentText(), cat.appearance_weight.isEnabled()), ("off", False), "look off")
@@ -291,6 +291,7 @@ def dock_model_and_loras(report):
 
 
 check(qt_smoke_pickers.dock_controlnet_and_clip_skip)
+check(qt_smoke_pickers.dock_ip_adapter_look)
 
 
 @check

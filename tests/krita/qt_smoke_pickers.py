@@ -1,6 +1,7 @@
-"""qt_smoke.py's check of the model section's ControlNet picker and clip skip (on PyQt5 or PyQt6,
-stand-in documents from fakekrita.py); the picker's entries themselves are tested without Qt in
-tests/test_plugin_controlnet_clip_skip.py."""
+"""qt_smoke.py's checks of what the dock offers from the bridge's /info (on PyQt5 or PyQt6,
+stand-in documents from fakekrita.py): the model section's ControlNet picker and clip skip, and the
+layers' "ip-adapter" look. The entries themselves are tested without Qt in
+tests/test_plugin_controlnet_clip_skip.py and tests/test_plugin_choices.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from suite_common import assert_eq, combo_items
 SD1, XL = ("sd1", "Stable Diffusion 1.x"), ("sdxl", "Stable Diffusion XL")
 
 
-def controlnet_info():
+def controlnet_info(**changes):
     """/info of a bridge on the demo model (SD 1.x) that also lists tiny-xl (SDXL), with an SD 1.x,
     an SDXL, a family-less and a damaged ControlNet."""
     from collage_diffusion import wire
@@ -35,6 +36,7 @@ def controlnet_info():
             ],
             "controlnets": [wire.LibraryEntry(n, "controlnet", *f, 0, e).to_dict() for n, f, e in nets],
         }
+        | changes
     )
 
 
@@ -98,3 +100,50 @@ def dock_controlnet_and_clip_skip(report):
     assert_eq((stored.controlnet, stored.clip_skip), ("", None), "stored as the defaults")
     again.shutdown()
     report["detail"] = "ControlNet by family, clip skip, save, reopen, misfit refused"
+
+
+def dock_ip_adapter_look(report):
+    """The "ip-adapter" look is offered where the bridge has an IP-Adapter for the chosen model's
+    family, greyed (and kept, marked) where it has none; Generate then refuses in words."""
+    from collage_diffusion import dock, document
+    from collage_diffusion.dock_widgets import LOOKS
+    from collage_diffusion.model import CollageModel
+
+    doc = fakekrita.sample_stack()
+    model = CollageModel("http://127.0.0.1:9")  # never asked: /info is given below
+    model._set_info(controlnet_info(ip_adapter_families=["sd1"]))  # an IP-Adapter for SD 1.x only
+    panel = dock.CollagePanel(fakekrita.Host(doc), model)
+    panel.refresh()
+    cat = next(r for r in panel.rows.values() if r.info.name == "cat")
+    ip = LOOKS.index("ip-adapter")
+    item = cat.appearance.model().item(ip)
+    assert_eq((item.isEnabled(), item.text()), (True, "ip-adapter"), "offered on the SD 1.x model")
+    cat.appearance.setCurrentIndex(ip)
+    assert_eq(cat.appearance_weight.isEnabled(), True, "ip-adapter: weight enabled")
+    cat.appearance_weight.setValue(0.6)
+    panel.save_settings()
+    entry = document.load_settings(doc).layers[cat.info.uid]
+    assert_eq((entry.appearance, entry.appearance_weight), ("ip-adapter", 0.6), "look stored")
+    panel.model_section.choose_model("tiny-xl")  # no IP-Adapter for SDXL on this bridge
+    assert_eq((item.isEnabled(), item.text()), (False, "ip-adapter (not available)"), "greyed for SDXL")
+    if "Stable Diffusion XL" not in item.toolTip():
+        raise AssertionError(f"the greyed look does not say why: {item.toolTip()!r}")
+    assert_eq(cat.appearance.currentIndex(), ip, "the layer keeps its look")
+    panel.save_settings()
+    assert_eq(
+        document.load_settings(doc).layers[cat.info.uid].appearance, "ip-adapter", "kept in the document"
+    )
+    assert_eq(model.generate(doc), False, "generate refused")
+    if not model.last_error.startswith("The layer 'cat' has the look 'ip-adapter', but the bridge has no"):
+        raise AssertionError(model.last_error)
+    panel.shutdown()
+
+    again = dock.CollagePanel(fakekrita.Host(doc), model)  # the document shown anew, on SDXL
+    again.refresh()
+    cat = next(r for r in again.rows.values() if r.info.name == "cat")
+    item = cat.appearance.model().item(ip)
+    assert_eq((cat.appearance.currentIndex(), item.isEnabled()), (ip, False), "reopened: kept, greyed")
+    again.model_section.choose_model("")  # back to SD 1.x: offered again
+    assert_eq((item.isEnabled(), item.text()), (True, "ip-adapter"), "offered again")
+    again.shutdown()
+    report["detail"] = "ip-adapter look offered by family, greyed and kept, refused in words"
