@@ -11,6 +11,7 @@ always that library entry.
 from __future__ import annotations
 
 from core.embeddings import EmbeddingFiles
+from core.families import FAMILIES
 from core.ip_adapter_files import IPAdapterFiles
 from core.model_library import (
     LibraryEntry,
@@ -90,7 +91,10 @@ class ModelCatalog:
             INFO_FIELDS[kind]: [_wire_entry(e) for e in entries]
             for kind, entries in self.library.listing().items()
         }
-        fields["ip_adapter_families"] = ip_adapter_families(self.library)
+        # Exactly the families whose jobs `may_have_ip_adapter` accepts, so the dock offers the
+        # look where the bridge takes it (an adapter of no known family, e.g. for the demo model,
+        # counts for every family: the engine checks its width when the job runs).
+        fields["ip_adapter_families"] = [f for f in FAMILIES if self.may_have_ip_adapter(f)]
         return fields
 
     def ip_adapter(self, model) -> IPAdapterFiles | None:
