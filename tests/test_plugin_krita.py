@@ -45,6 +45,7 @@ CHECKS = [
     "generate_writes_new_layers",
     "auto_size_follows_the_model",
     "dock_model_and_loras_saved_and_sent",
+    "dock_ip_adapter_look_reaches_its_layer",
     "dock_clip_skip_and_controlnet_saved_and_sent",
     "generate_on_sdxl",
     "regenerate_changes_only_that_layer",
@@ -64,9 +65,16 @@ def models_dir(root: Path, demo_model_dir: Path, tiny_sdxl_dir: Path) -> Path:
     """A small ComfyUI-style model folder for the dock's model and LoRA checks: the demo model
     again under another name (so a chosen model can run fast), the tiny SDXL (listed, not run),
     a LoRA of the demo model that changes its output (its file tells no family), an SDXL
-    LoRA's names and shapes (zeros), and two ControlNets of the demo model: its own and a random one."""
+    LoRA's names and shapes (zeros), two ControlNets of the demo model (its own and a random one),
+    and a tiny random IP-Adapter with its image encoder for the demo model."""
     from core.demo_model import ensure_demo_controlnet
     from core.models import load_pipeline
+    from core.random_ip_adapter import (
+        build_random_image_encoder,
+        random_ip_adapter_state,
+        save_image_encoder,
+        save_ip_adapter,
+    )
     from tests.library_files import kohya_lora
     from tests.test_bridge_controlnet import other_demo_controlnet
     from tests.test_loras import peft_unet_lora, save_kohya
@@ -83,6 +91,12 @@ def models_dir(root: Path, demo_model_dir: Path, tiny_sdxl_dir: Path) -> Path:
         ensure_demo_controlnet(), target_is_directory=True
     )
     other_demo_controlnet(root / "models" / "controlnet" / "random-edges")
+    (root / "models" / "ipadapter").mkdir()
+    (root / "models" / "clip_vision").mkdir()
+    save_ip_adapter(
+        random_ip_adapter_state(unet, 24, scale=3.0), root / "models" / "ipadapter" / "ipa-demo.bin"
+    )
+    save_image_encoder(build_random_image_encoder(), root / "models" / "clip_vision" / "vit-tiny.safetensors")
     return root
 
 

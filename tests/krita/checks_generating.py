@@ -186,6 +186,57 @@ def dock_model_and_loras_saved_and_sent(report):
 
 
 @check(needs_bridge=True)
+def dock_ip_adapter_look_reaches_its_layer(report):
+    """A layer's look set to "ip-adapter" in the dock, on a bridge whose model folder has an
+    IP-Adapter and image encoder for the demo model (tiny, random): offered, sent, run by the
+    bridge, and it changes the picture more inside that layer than elsewhere."""
+    import fakekrita
+    from collage_diffusion import dock
+    from collage_diffusion.dock_widgets import LOOKS
+
+    if not os.environ.get("COLLAGE_TEST_MODELS_DIR"):
+        raise Skip("the test bridge has no model folder (COLLAGE_TEST_MODELS_DIR)")
+    doc = build_document()
+    try:
+        set_prompt(doc, "a red sign, a cat and a ball", cat="cat", ball="red ball")
+        panel = dock.CollagePanel(fakekrita.Host(doc), make_model())
+        panel.refresh()
+        cat = next(r for r in panel.rows.values() if r.info.name == "cat")
+        item = cat.appearance.model().item(LOOKS.index("ip-adapter"))
+        assert_eq((item.isEnabled(), item.text()), (True, "ip-adapter"), "the look offered")
+        plain = generate_in_panel(panel)
+        cat.appearance.setCurrentIndex(LOOKS.index("ip-adapter"))
+        cat.appearance_weight.setValue(2.0)
+        with_ip = generate_in_panel(panel)
+        sent = {
+            layer.name: (layer.appearance, layer.appearance_weight)
+            for layer in panel.model._plan.request.layers
+        }
+        assert_eq(sent["cat"], ("ip-adapter", 2.0), "the look in the request")
+        assert_eq(job_on_bridge(panel.model).state, "done", "the bridge ran the job")
+        panel.shutdown()
+    finally:
+        doc.close()
+    w, h, a = decode_bgra(plain)
+    _, _, b = decode_bgra(with_ip)
+    x0, y0, bw, bh = 16, 40, 32, 32  # the cat's box
+    inside, outside = [], []
+    for y in range(h):
+        for x in range(w):
+            i = 4 * (y * w + x)
+            d = sum(abs(a[i + c] - b[i + c]) for c in range(3)) / 3
+            (inside if x0 <= x < x0 + bw and y0 <= y < y0 + bh else outside).append(d)
+    mean_in, mean_out = sum(inside) / len(inside), sum(outside) / len(outside)
+    if not mean_in > 0:
+        raise AssertionError("the ip-adapter look did not change the picture")
+    if not mean_in > 2 * mean_out:
+        raise AssertionError(
+            f"the change is not concentrated on the layer: inside {mean_in:.2f}, outside {mean_out:.2f}"
+        )
+    report["detail"] = f"mean change inside the cat {mean_in:.1f}, outside {mean_out:.1f} (0..255)"
+
+
+@check(needs_bridge=True)
 def dock_clip_skip_and_controlnet_saved_and_sent(report):
     """The dock's clip skip and ControlNet picker on the demo model (its model folder has its own
     ControlNet as demo-edges and a random one as random-edges): clip skip 2 and the random

@@ -53,6 +53,7 @@ def run_all() -> dict:
         checks[name] = entry
         print(
             f"[krita_suite] {name}: {'ok' if entry['ok'] else entry['skipped'] or 'FAILED'} ({entry['seconds']} s)"
+            + (f": {entry['detail']}" if entry["ok"] and entry["detail"] else "")
         )
         if not entry["ok"] and not entry["skipped"]:
             print(entry["detail"])
