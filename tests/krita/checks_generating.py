@@ -20,6 +20,7 @@ from suite_common import (
     job_on_bridge,
     krita,
     make_model,
+    outside_box,
     result_layers,
     scratch,
     set_prompt,
@@ -365,11 +366,7 @@ def regenerate_changes_only_that_layer(report):
         if not changed:
             raise AssertionError("the regenerated result is identical to the base")
         x0, y0, w, h = pixels.dilate_box((16, 40, 32, 32), 8, SIZE, SIZE)
-        outside = [
-            (p % SIZE, p // SIZE)
-            for p in changed
-            if not (x0 <= p % SIZE < x0 + w and y0 <= p // SIZE < y0 + h)
-        ]
+        outside = outside_box(changed, (x0, y0, w, h))
         if outside:
             raise AssertionError(
                 f"{len(outside)} pixels changed outside the cat's region, e.g. {outside[:5]}"
@@ -412,11 +409,7 @@ def regenerate_a_selection_changes_nothing_outside_it(report):
         if not inside:
             raise AssertionError("nothing changed inside the selection")
         x0, y0, w, h = pixels.dilate_box((56, 64, 40, 24), 8, SIZE, SIZE)
-        outside = [
-            (p % SIZE, p // SIZE)
-            for p in changed
-            if not (x0 <= p % SIZE < x0 + w and y0 <= p // SIZE < y0 + h)
-        ]
+        outside = outside_box(changed, (x0, y0, w, h))
         if outside:
             raise AssertionError(
                 f"{len(outside)} pixels changed outside the grown selection, e.g. {outside[:5]}"

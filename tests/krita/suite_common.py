@@ -207,6 +207,14 @@ def changed_pixels(old_layer, new_layer) -> list[int]:
     return [i // 4 for i in range(0, len(old), 4) if old[i : i + 4] != new[i : i + 4]]
 
 
+def outside_box(changed: list[int], box: tuple[int, int, int, int]) -> list[tuple[int, int]]:
+    """The (x, y) of the `changed` pixel indices (`changed_pixels`) that lie outside `box`."""
+    x0, y0, w, h = box
+    return [
+        (p % SIZE, p // SIZE) for p in changed if not (x0 <= p % SIZE < x0 + w and y0 <= p // SIZE < y0 + h)
+    ]
+
+
 def result_layers(doc):
     from collage_diffusion import document
 
