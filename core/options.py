@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
+from .anchor import low_frequency_anchor_hook
 from .attention import masked_attention_hook
 from .collage import Collage, appearance_mode
 from .control import CannyDetector, controlnet_hook, load_controlnet, missing_controlnet_warning
@@ -41,7 +42,15 @@ class EngineOptions:
     control_end: float = 1.0  # fraction after which it stops
     canny_low: int = 100
     canny_high: int = 200
-    reference_end: float = 1.0  # fraction of the schedule (from pure noise) reference layers act in
+    # ``appearance: "reference"`` layers (docs/appearance.md): reference attention (an extra U-Net
+    # pass per step) and the low-frequency anchor (core/anchor.py).
+    reference_attention: bool = False  # off by default: no gain on the demo model at 2-3x the time
+    reference_end: float = 1.0  # fraction of the schedule (from pure noise) reference attention acts in
+    reference_conditional_only: bool = False  # only the guidance batch's conditional half reads it
+    reference_anchor: float = 1.0  # anchor weight per unit of appearance_weight (capped at 1); 0 = off
+    reference_lowpass: int = 0  # anchor low-pass: a box of this many latent pixels (odd), 0 = mask mean
+    reference_anchor_start: float = 0.8  # the anchor acts in this window of the schedule (fractions
+    reference_anchor_end: float = 1.0  # by timestep, from pure noise): its last steps, by measurement
 
 
 def build_hooks(
@@ -72,19 +81,31 @@ def build_hooks(
         appearance_mode(layer.appearance) == "reference" and layer.appearance_weight > 0
         for layer in collage.layers
     )
-    if options.self_attention_weight and not uses_reference:
+    uses_attention = uses_reference and options.reference_attention
+    if options.self_attention_weight and not uses_attention:
         hooks.append(
             partial(
                 self_attention_hook, weight=options.self_attention_weight, schedule=options.attention_schedule
             )
         )
-    if uses_reference:
+    if uses_attention:
         hooks.append(
             partial(
                 reference_attention_hook,
                 end=options.reference_end,
+                conditional_only=options.reference_conditional_only,
                 self_attention_weight=options.self_attention_weight,
                 schedule=options.attention_schedule,
+            )
+        )
+    if uses_reference and options.reference_anchor:
+        hooks.append(
+            partial(
+                low_frequency_anchor_hook,
+                weight=options.reference_anchor,
+                kernel=options.reference_lowpass,
+                start=options.reference_anchor_start,
+                end=options.reference_anchor_end,
             )
         )
     controlnet = None
