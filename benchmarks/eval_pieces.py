@@ -394,7 +394,7 @@ def appearance_settings(spec: str) -> list[tuple[str, str, float, dict]]:
             out.append((label, "reference", weight, fields))
         else:
             raise SystemExit(
-                f"--appearance-modes: unknown item {item!r} (sdedit, inversion, reference[:W[:END]])"
+                f"--appearance-modes: unknown item {item!r} (sdedit, inversion, reference[:W[:END]][:FIELD=VALUE])"
             )
     return out
 

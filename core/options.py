@@ -5,8 +5,9 @@ layers self-attention modulation (on by default) and regional conditioning (off 
 their weights are > 0 (docs/attention.md, "Spatial modes"); appearance tokens (§2)
 for every layer with `appearance` on (inside `generate`); per-layer strength (§4) always;
 ControlNet (§3) when a ControlNet was configured (the demo model brings its own) and a layer has a
-`control_weight` > 0. Reference attention (core/reference.py) for every layer with
-``appearance: "reference"`` and an `appearance_weight` > 0.
+`control_weight` > 0. For every layer with ``appearance: "reference"`` and an
+`appearance_weight` > 0: the low-frequency anchor (core/anchor.py), and reference attention
+(core/reference.py) when `reference_attention` is on.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class EngineOptions:
     reference_conditional_only: bool = False  # only the guidance batch's conditional half reads it
     reference_anchor: float = 1.0  # anchor weight per unit of appearance_weight (capped at 1); 0 = off
     reference_lowpass: int = 0  # anchor low-pass: a box of this many latent pixels (odd), 0 = mask mean
-    reference_anchor_start: float = 0.8  # the anchor acts in this window of the schedule (fractions
+    reference_anchor_start: float = 0.85  # the anchor acts in this window of the schedule (fractions
     reference_anchor_end: float = 1.0  # by timestep, from pure noise): its last steps, by measurement
 
 

@@ -1,4 +1,5 @@
-"""Training-free appearance: masked reference attention per layer (``appearance: "reference"``).
+"""Training-free appearance: masked reference attention per layer (``appearance: "reference"``
+with `EngineOptions.reference_attention`; the mode's default mechanism is core/anchor.py).
 
 The "reference-only" idea, restricted to a layer's region. The reference image is the flattened
 collage (inside a layer's visible mask its pixels are the layer's own, exactly aligned), VAE-encoded
