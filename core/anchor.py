@@ -1,4 +1,5 @@
-"""Training-free appearance, part two: a masked low-frequency anchor (``appearance: "reference"``).
+"""Training-free appearance: a masked low-frequency anchor, the default mechanism of
+``appearance: "reference"`` (reference attention, core/reference.py, is the optional other).
 
 ILVR (Choi et al. 2021, "Iterative Latent Variable Refinement") restricted to a layer's visible
 mask m. After each denoising step in the anchor's schedule, inside the mask the low-pass part of
@@ -17,8 +18,9 @@ cannot (docs/appearance.md).
 
 It differs from per-layer strength (core/strength.py): a lower strength holds *all* frequencies
 of the region at the noised composite for the first steps, then lets everything go; the anchor
-holds only the low ones, through its whole schedule, and lets the model redo the detail from the
-start. The strength hold runs after this and wins: a region that has not started stays held.
+lets the model redo the region from the start and holds only the low frequencies, in its window
+(by default the last steps, where the demo model re-decides colours). The strength hold runs
+after this and wins: a region that has not started stays held.
 """
 
 from __future__ import annotations

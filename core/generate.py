@@ -444,6 +444,8 @@ class _SamplingRun:
                 noise_pred = pred_uncond + self.collage.guidance_scale * (pred_cond - pred_uncond)
             latents = scheduler.step(noise_pred, t, latents).prev_sample
             if after_step:
+                # The latents are now at the next timestep's level (the offered schedulers are
+                # all first order), or clean after the last step.
                 level = timesteps[i + 1 : i + 2].repeat(n) if i + 1 < len(timesteps) else None
                 result = StepResult(i, latents, partial(_noised, scheduler, noise, level))
                 for hook in after_step:
@@ -469,6 +471,9 @@ class _SamplingRun:
 def _noised(
     scheduler, noise: torch.Tensor, timesteps: torch.Tensor | None, clean: torch.Tensor
 ) -> torch.Tensor:
-    """`clean` (1, C, h, w) at the level of `timesteps` (one per variant) with the variants' noise."""
+    """`clean` (1, C, h, w) at the level of `timesteps` (one per variant) with the variants' noise.
+
+    (Sigma schedulers with a begin index, Euler and DPM++, read the level off their step index,
+    which after a step is the next one: the same level.)"""
     clean = clean.to(noise).expand(noise.shape[0], -1, -1, -1)
     return clean if timesteps is None else scheduler.add_noise(clean, noise, timesteps)

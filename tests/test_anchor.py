@@ -175,3 +175,6 @@ def test_runs_on_tiny_sdxl_and_changes_only_the_mask_at_each_step(tiny_sdxl):
         assert torch.equal(after[outside], before[outside])
     assert any(not torch.equal(after, before) for before, after, *_ in spy.calls)
     assert out.shape == plain.shape and not np.array_equal(out, plain)
+    # The reference follows the latents' level down the (Euler) schedule: clean after the last step.
+    levels = [float((noised - spy.hook.z_ref).std()) for *_, noised in spy.calls]
+    assert all(a > b for a, b in zip(levels, levels[1:], strict=False)) and levels[-1] == 0.0
