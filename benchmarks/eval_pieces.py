@@ -365,24 +365,36 @@ def eval_structure(model, args, gallery: Gallery, common: dict) -> list[Row]:
     return rows
 
 
-def appearance_settings(spec: str) -> list[tuple[str, str, float, float]]:
-    """(label, appearance, weight, reference end) per comma-separated item of --appearance-modes:
-    "sdedit", "inversion", or "reference[:WEIGHT[:END]]" (END: fraction of the schedule)."""
+def appearance_settings(spec: str) -> list[tuple[str, str, float, dict]]:
+    """(label, appearance, weight, EngineOptions fields) per comma-separated item of
+    --appearance-modes: "sdedit", "inversion", or "reference[:WEIGHT[:END]][:FIELD=VALUE...]"
+    (END: fraction of the schedule; FIELD: an EngineOptions `reference_FIELD`, e.g. lowpass=3)."""
     out = []
     for item in spec.split(","):
         name, *rest = item.strip().split(":")
         if name == "sdedit":
-            out.append(("baseline SDEdit", "off", 1.0, 1.0))
+            out.append(("baseline SDEdit", "off", 1.0, {}))
         elif name == "inversion":
-            out.append(("+ inversion", "learned", 1.0, 1.0))
-        elif name == "reference" and len(rest) <= 2:
+            out.append(("+ inversion", "learned", 1.0, {}))
+        elif name == "reference":
+            # reference[:W[:END]][:FIELD=VALUE...]: FIELD an EngineOptions reference_FIELD
+            pairs = [r for r in rest if "=" in r]
+            rest = [r for r in rest if "=" not in r]
             weight, end = float(rest[0]) if rest else 1.0, float(rest[1]) if len(rest) > 1 else 1.0
-            out.append(
-                (f"+ reference w={weight:g}" + (f" end={end:g}" if end < 1 else ""), "reference", weight, end)
+            fields = {"reference_end": end}
+            for pair in pairs:
+                key, value = pair.split("=", 1)
+                kind = type(getattr(EngineOptions(), f"reference_{key}", None))
+                if kind not in (bool, int, float):
+                    raise SystemExit(f"--appearance-modes: no option reference_{key}")
+                fields[f"reference_{key}"] = value in ("1", "true") if kind is bool else kind(value)
+            label = (
+                f"+ reference w={weight:g}" + (f" end={end:g}" if end < 1 else "") + " ".join(["", *pairs])
             )
+            out.append((label, "reference", weight, fields))
         else:
             raise SystemExit(
-                f"--appearance-modes: unknown item {item!r} (sdedit, inversion, reference[:W[:END]])"
+                f"--appearance-modes: unknown item {item!r} (sdedit, inversion, reference[:W[:END]][:FIELD=VALUE])"
             )
     return out
 
@@ -408,9 +420,9 @@ def eval_appearance(model, args, gallery: Gallery, common: dict) -> list[Row]:
     ):
         cases = make_cases(args.n_appearance, args.seed, kind)
         section = f"appearance ({what}, strength {strength:.1f})"
-        for label, mode, weight, end in appearance_settings(args.appearance_modes):
+        for label, mode, weight, fields in appearance_settings(args.appearance_modes):
             dists, w1s, rests, secs = [], [], [], []
-            options = EngineOptions(reference_end=end)
+            options = EngineOptions(**fields)
             for k, case in enumerate(cases):
                 gallery.add(section, "collage", k, _composite(case))
                 t = case.textured
@@ -587,7 +599,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--appearance-modes",
         default="sdedit,inversion,reference",
-        help="settings of the appearance rows: sdedit, inversion, reference[:WEIGHT[:END]], comma-separated",
+        help="settings of the appearance rows: sdedit, inversion, reference[:WEIGHT[:END]][:FIELD=VALUE...]"
+        " (FIELD: an EngineOptions reference_FIELD), comma-separated",
     )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)

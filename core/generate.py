@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -67,6 +68,17 @@ class StepContext:
 
 
 @dataclass
+class StepResult:
+    """What a hook's `after_step` sees: the latents a denoising step produced, and how to put a
+    clean latent image at their noise level with each variant's own noise (as the per-layer
+    strength hold does), the clean image itself after the last step."""
+
+    index: int  # the step just run (position in the steps actually run)
+    latents: torch.Tensor  # (n, C, h, w), in the scheduler's own parametrization
+    noised: Callable[[torch.Tensor], torch.Tensor]  # (1, C, h, w) clean -> (n, C, h, w) at that level
+
+
+@dataclass
 class SamplingSetup:
     """What hooks are built from: the flattened collage, token spans and the loaded model."""
 
@@ -84,7 +96,9 @@ class SamplerHook(Protocol):
     restores it on exit, also on error or cancel; `on_step` runs before each U-Net call. A hook
     may also define `unet_kwargs(model_input, timestep, embeds, added_cond_kwargs) -> dict` to
     pass extra arguments to that U-Net call (ControlNet residuals, for instance);
-    `added_cond_kwargs` is the family's extra conditioning (SDXL's) or None.
+    `added_cond_kwargs` is the family's extra conditioning (SDXL's) or None; and
+    `after_step(result: StepResult) -> latents` to change the latents a step produced (before the
+    per-layer strength hold, which wins: a region that has not started stays held).
     """
 
     def installed(self, unet): ...
@@ -404,6 +418,7 @@ class _SamplingRun:
             None if plan.is_uniform else torch.from_numpy(plan.start_index).to(z0.device)[None, None]
         )
         embeds, added = self.conditioning.batch(n)
+        after_step = [hook for hook in self.hooks if hasattr(hook, "after_step")]
 
         for i, t in enumerate(timesteps):
             check_cancel(self.cancel)
@@ -428,6 +443,14 @@ class _SamplingRun:
                 pred_uncond, pred_cond = noise_pred.chunk(2)
                 noise_pred = pred_uncond + self.collage.guidance_scale * (pred_cond - pred_uncond)
             latents = scheduler.step(noise_pred, t, latents).prev_sample
+            if after_step:
+                # The latents are now at the next timestep's level (the offered schedulers are
+                # all first order), or clean after the last step.
+                level = timesteps[i + 1 : i + 2].repeat(n) if i + 1 < len(timesteps) else None
+                result = StepResult(i, latents, partial(_noised, scheduler, noise, level))
+                for hook in after_step:
+                    result.latents = hook.after_step(result)
+                latents = result.latents
             self.report(
                 Progress(
                     "sampling",
@@ -443,3 +466,14 @@ class _SamplingRun:
         check_cancel(self.cancel)
         self.report(Progress("decoding", 0, 1, done))
         return tensor_to_images(self.vae.decode(latents))
+
+
+def _noised(
+    scheduler, noise: torch.Tensor, timesteps: torch.Tensor | None, clean: torch.Tensor
+) -> torch.Tensor:
+    """`clean` (1, C, h, w) at the level of `timesteps` (one per variant) with the variants' noise.
+
+    (Sigma schedulers with a begin index, Euler and DPM++, read the level off their step index,
+    which after a step is the next one: the same level.)"""
+    clean = clean.to(noise).expand(noise.shape[0], -1, -1, -1)
+    return clean if timesteps is None else scheduler.add_noise(clean, noise, timesteps)

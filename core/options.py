@@ -5,9 +5,10 @@ layers self-attention modulation (on by default) and regional conditioning (off 
 their weights are > 0 (docs/attention.md, "Spatial modes"); appearance tokens (§2)
 for every layer with `appearance` on (inside `generate`); per-layer strength (§4) always;
 ControlNet (§3) when a ControlNet was configured (the demo model brings its own) and a layer has a
-`control_weight` > 0. Reference attention (core/reference.py) for every layer with
-``appearance: "reference"`` and an `appearance_weight` > 0; the masked IP-Adapter
-(core/ip_adapter.py) for every layer with ``appearance: "ip-adapter"`` and a weight > 0.
+`control_weight` > 0. For every layer with ``appearance: "reference"`` and an
+`appearance_weight` > 0: the low-frequency anchor (core/anchor.py), and reference attention
+(core/reference.py) when `reference_attention` is on; the masked IP-Adapter (core/ip_adapter.py)
+for every layer with ``appearance: "ip-adapter"`` and a weight > 0.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+from .anchor import low_frequency_anchor_hook
 from .attention import masked_attention_hook
 from .collage import Collage, appearance_mode
 from .control import CannyDetector, controlnet_hook, load_controlnet, missing_controlnet_warning
@@ -45,10 +47,18 @@ class EngineOptions:
     control_end: float = 1.0  # fraction after which it stops
     canny_low: int = 100
     canny_high: int = 200
-    reference_end: float = 1.0  # fraction of the schedule (from pure noise) reference layers act in
     # The IP-Adapter and image encoder for "ip-adapter" layers: the files, or a function of the
     # loaded model that finds them (the model folders'; None: there is none for that model).
     ip_adapter: IPAdapterFiles | Callable[[object], IPAdapterFiles | None] | None = None
+    # ``appearance: "reference"`` layers (docs/appearance.md): reference attention (an extra U-Net
+    # pass per step) and the low-frequency anchor (core/anchor.py).
+    reference_attention: bool = False  # off by default: no gain on the demo model at 2-3x the time
+    reference_end: float = 1.0  # fraction of the schedule (from pure noise) reference attention acts in
+    reference_conditional_only: bool = False  # only the guidance batch's conditional half reads it
+    reference_anchor: float = 1.0  # anchor weight per unit of appearance_weight (capped at 1); 0 = off
+    reference_lowpass: int = 0  # anchor low-pass: a box of this many latent pixels (odd), 0 = mask mean
+    reference_anchor_start: float = 0.85  # the anchor acts in this window of the schedule (fractions
+    reference_anchor_end: float = 1.0  # by timestep, from pure noise): its last steps, by measurement
 
 
 def build_hooks(
@@ -79,17 +89,19 @@ def build_hooks(
         appearance_mode(layer.appearance) == "reference" and layer.appearance_weight > 0
         for layer in collage.layers
     )
-    if options.self_attention_weight and not uses_reference:
+    uses_attention = uses_reference and options.reference_attention
+    if options.self_attention_weight and not uses_attention:
         hooks.append(
             partial(
                 self_attention_hook, weight=options.self_attention_weight, schedule=options.attention_schedule
             )
         )
-    if uses_reference:
+    if uses_attention:
         hooks.append(
             partial(
                 reference_attention_hook,
                 end=options.reference_end,
+                conditional_only=options.reference_conditional_only,
                 self_attention_weight=options.self_attention_weight,
                 schedule=options.attention_schedule,
             )
@@ -98,6 +110,16 @@ def build_hooks(
     if any(appearance_mode(layer.appearance) == "ip-adapter" for layer in collage.layers):
         found = options.ip_adapter(model) if callable(options.ip_adapter) else options.ip_adapter
         hooks.append(partial(ip_adapter_hook, files=found))
+    if uses_reference and options.reference_anchor:
+        hooks.append(
+            partial(
+                low_frequency_anchor_hook,
+                weight=options.reference_anchor,
+                kernel=options.reference_lowpass,
+                start=options.reference_anchor_start,
+                end=options.reference_anchor_end,
+            )
+        )
     controlnet = None
     ref = options.controlnet
     family = getattr(model, "family", None)

@@ -1,4 +1,5 @@
-"""Training-free appearance: masked reference attention per layer (``appearance: "reference"``).
+"""Training-free appearance: masked reference attention per layer (``appearance: "reference"``
+with `EngineOptions.reference_attention`; the mode's default mechanism is core/anchor.py).
 
 The "reference-only" idea, restricted to a layer's region. The reference image is the flattened
 collage (inside a layer's visible mask its pixels are the layer's own, exactly aligned), VAE-encoded
@@ -54,6 +55,7 @@ class ReferenceAttention:
         *,
         layers: list[int],
         end: float = 1.0,
+        conditional_only: bool = False,
         train_timesteps: int = 1000,
     ):
         if len(weights) != len(layers) or z_ref.shape[0] != 1:
@@ -70,6 +72,9 @@ class ReferenceAttention:
         # Query positions (inside a mask) per resolution and layer, and their mask values.
         self._inside = {p: [(m > 0).nonzero().flatten() for m in masks] for p, masks in query_masks.items()}
         self.end = end
+        # Only the guidance batch's conditional half reads the reference, so guidance amplifies it.
+        self.conditional_only = conditional_only
+        self.cfg = True  # whether the main batch has an unconditional half (set by the builder)
         self.train_timesteps = train_timesteps
         self.mode = "off"  # "write" during the reference pass, "read" during the main pass
         self.bank: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
@@ -136,8 +141,22 @@ class ReferenceAttention:
         return {}
 
 
+def reference_layers(flat) -> list[int]:
+    """Indices (in `flat.layers`) of the layers with ``appearance: "reference"`` and a weight > 0."""
+    return [
+        i
+        for i, layer in enumerate(flat.layers)
+        if appearance_mode(layer.appearance) == "reference" and float(layer.appearance_weight) > 0
+    ]
+
+
 def reference_attention_hook(
-    setup, *, end: float = 1.0, self_attention_weight: float = 0.0, schedule: str = "ediffi"
+    setup,
+    *,
+    end: float = 1.0,
+    conditional_only: bool = False,
+    self_attention_weight: float = 0.0,
+    schedule: str = "ediffi",
 ) -> ReferenceAttention | None:
     """Build the hook for one generation (a `core.generate` hook builder); None when no layer has
     ``appearance: "reference"`` with an `appearance_weight` > 0. With `self_attention_weight` > 0
@@ -145,11 +164,7 @@ def reference_attention_hook(
     from .generate import VaeCodec, image_to_tensor  # generate does not import us
 
     flat, model = setup.flat, setup.model
-    pick = [
-        i
-        for i, layer in enumerate(flat.layers)
-        if appearance_mode(layer.appearance) == "reference" and float(layer.appearance_weight) > 0
-    ]
+    pick = reference_layers(flat)
     if not pick:
         return None
     pipe, device, dtype = model.pipeline, model.device, model.dtype
@@ -175,8 +190,10 @@ def reference_attention_hook(
         [float(flat.layers[i].appearance_weight) for i in pick],
         layers=pick,
         end=end,
+        conditional_only=conditional_only,
         train_timesteps=int(getattr(pipe.scheduler.config, "num_train_timesteps", 1000)),
     )
+    hook.cfg = setup.collage.guidance_scale > 1.0
     if self_attention_weight:
         from .self_attention import self_attention_hook
 
@@ -290,5 +307,8 @@ class ReferenceSelfAttnProcessor:
             with_ref = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
             plain = out.index_select(2, idx)
             m = masks[j, idx].to(out.dtype)[None, None, :, None]
-            out.index_copy_(2, idx, plain + m * (with_ref - plain))
+            mixed = plain + m * (with_ref - plain)
+            if hook.conditional_only and hook.cfg and query.shape[0] % 2 == 0:
+                mixed[: query.shape[0] // 2] = plain[: query.shape[0] // 2]  # generate puts uncond first
+            out.index_copy_(2, idx, mixed)
         return out

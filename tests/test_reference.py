@@ -155,8 +155,19 @@ def test_weight_zero_or_off_is_the_plain_path_exactly(demo_pipeline):
         assert [h.func.__name__ for h in hooks] == ["masked_attention_hook", "self_attention_hook"]
         images.append(generate(demo_pipeline, art, hooks=hooks).images[0].image)
     assert np.array_equal(*images)
+    hooks, _ = build_hooks(demo_pipeline, collage(weight=2.0), EngineOptions(reference_attention=True))
+    assert [h.func.__name__ for h in hooks] == [
+        "masked_attention_hook",
+        "reference_attention_hook",
+        "low_frequency_anchor_hook",
+    ]
+    # By default a reference layer gets the anchor (core/anchor.py) and keeps the modulation.
     hooks, _ = build_hooks(demo_pipeline, collage(weight=2.0), EngineOptions())
-    assert [h.func.__name__ for h in hooks] == ["masked_attention_hook", "reference_attention_hook"]
+    assert [h.func.__name__ for h in hooks] == [
+        "masked_attention_hook",
+        "self_attention_hook",
+        "low_frequency_anchor_hook",
+    ]
 
 
 def test_reference_changes_the_layer_and_restores_the_processors(demo_pipeline):
@@ -259,7 +270,29 @@ def test_engine_hooks_run_reference_with_the_modulation(demo_pipeline):
     art = collage(weight=2.0)
     images = []
     for sw in (0.0, 2.0):
-        hooks, _ = build_hooks(demo_pipeline, art, EngineOptions(self_attention_weight=sw))
+        options = EngineOptions(self_attention_weight=sw, reference_attention=True, reference_anchor=0.0)
+        hooks, _ = build_hooks(demo_pipeline, art, options)
         assert [h.func.__name__ for h in hooks] == ["masked_attention_hook", "reference_attention_hook"]
         images.append(generate(demo_pipeline, art, hooks=hooks).images[0].image)
     assert not np.array_equal(*images)
+
+
+def test_conditional_only_leaves_the_unconditional_rows_plain():
+    """`conditional_only`: the guidance batch's unconditional half (first) gets the stock output,
+    the conditional half still reads the reference inside the mask."""
+    torch.manual_seed(3)
+    attn = Attention(32, heads=4, dim_head=8).eval()
+    x, ref = torch.randn(2, 48, 32), torch.randn(2, 48, 32) * 3
+    masks = torch.zeros(1, 48)
+    masks[0, 5:15] = 1.0
+    hook = _bank_hook(attn, x, masks, masks > 0.5, 4.0)
+    hook.conditional_only = True
+    proc = ReferenceSelfAttnProcessor(hook)
+    with torch.no_grad():
+        stock = AttnProcessor2_0()(attn, x)
+        hook.mode = "write"
+        proc(attn, ref)
+        hook.mode = "read"
+        out = proc(attn, x)
+    assert torch.equal(out[0], stock[0])
+    assert torch.equal(out[1, 15:], stock[1, 15:]) and not torch.allclose(out[1, 5:15], stock[1, 5:15])
