@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from core.engine_arguments import add_spatial_arguments
+from core.engine_arguments import add_spatial_arguments, given_engine_options
 from core.verbosity import DEBUG_ENV, debug_requested, set_verbose
 from krita_plugin.collage_diffusion import wire
 
@@ -130,15 +130,9 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
             "attention_schedule": args.attention_schedule,
             "controlnet": args.controlnet,
             "controlnet_config": args.controlnet_config,
-            # The spatial modes' weights, only when given: the engine's defaults otherwise.
-            **{
-                k: v
-                for k, v in (
-                    ("regional_weight", args.regional_weight),
-                    ("self_attention_weight", args.self_attention_weight),
-                )
-                if v is not None
-            },
+            # The spatial modes' weights and the reference attention, only when given: the
+            # engine's defaults otherwise.
+            **given_engine_options(args),
         },
     )
     if args.data_dir is not None:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .collage import SCHEDULERS, CollageError, appearance_mode
-from .engine_arguments import add_spatial_arguments
+from .engine_arguments import add_spatial_arguments, given_engine_options
 from .progress import FILL_PHASE
 from .verbosity import DEBUG_ENV, debug_requested, set_verbose
 
@@ -412,7 +412,6 @@ def _generate(args) -> int:
     ref, config = _model_reference(args)
     print(f"loading model {args.model!r}" + (f" ({ref})" if ref != args.model else "") + "…", file=sys.stderr)
     model = load_pipeline(ref, device=args.device, config=args.model_config or config)
-    spatial = {"regional_weight": args.regional_weight, "self_attention_weight": args.self_attention_weight}
     options = EngineOptions(
         attention_schedule=args.attention_schedule,
         controlnet=_controlnet_reference(args),
@@ -423,7 +422,7 @@ def _generate(args) -> int:
         canny_low=args.canny_low,
         canny_high=args.canny_high,
         ip_adapter=ip_adapter,
-        **{k: v for k, v in spatial.items() if v is not None},
+        **given_engine_options(args),
     )
     hooks, warnings = build_hooks(model, collage, options)
     for warning in warnings:

@@ -272,12 +272,18 @@ class _OneModule:
 def test_command_line_weights(capsys):
     from bridge_server.__main__ import config_from_args, parser
     from core.cli import _parser
+    from core.engine_arguments import given_engine_options
 
     args = _parser().parse_args(["generate", "in.ora", "-o", "out.png", "--regional-weight", "0.5"])
     assert (args.regional_weight, args.self_attention_weight) == (0.5, None)
     config = config_from_args(parser().parse_args(["--self-attention-weight", "2"]))
     assert config.engine_options["self_attention_weight"] == 2.0
     assert "regional_weight" not in config.engine_options  # not given: the engine's default
+    assert "reference_attention" not in config.engine_options
+    on = config_from_args(parser().parse_args(["--reference-attention"]))
+    assert on.engine_options["reference_attention"] is True
+    args = _parser().parse_args(["generate", "in.ora", "-o", "out.png", "--reference-attention"])
+    assert given_engine_options(args) == {"reference_attention": True}
     for bad in ("-1", "x"):
         with pytest.raises(SystemExit):
             parser().parse_args(["--regional-weight", bad])
