@@ -79,6 +79,19 @@ def parser() -> argparse.ArgumentParser:
         default=1024,
         help="LoRA files kept in memory between jobs, least recently used dropped first; 0: none (default: %(default)s)",
     )
+    p.add_argument(
+        "--loaded-loras",
+        type=int,
+        default=4,
+        help="LoRAs left loaded in the model between jobs, switched off, least recently used removed first;"
+        " 0: each job's removed after it (default: %(default)s)",
+    )
+    p.add_argument(
+        "--loaded-lora-mb",
+        type=int,
+        default=1024,
+        help="at most this much of their parameters left loaded (default: %(default)s)",
+    )
     p.add_argument("--max-layers", type=int, default=limits.max_layers)
     p.add_argument("--max-pixels", type=int, default=limits.max_canvas_pixels, help="canvas width × height")
     p.add_argument("--max-request-mb", type=int, default=limits.max_request_bytes // MIB)
@@ -121,6 +134,8 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
         token=args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None,
         preload=args.preload,
         lora_cache_bytes=args.lora_cache_mb * MIB,
+        loaded_loras=args.loaded_loras,
+        loaded_lora_bytes=args.loaded_lora_mb * MIB,
         device=args.device,
         limits=limits,
         keep_seconds=args.keep_days * 86400,

@@ -44,6 +44,10 @@ class BridgeConfig:
     # ControlNet. Chosen when the bridge starts; requests cannot name files.
     engine_options: dict = field(default_factory=dict)
     lora_cache_bytes: int = 1024**3  # LoRA files kept in memory between jobs (--lora-cache-mb)
+    # LoRAs whose PEFT layers stay in the model between jobs, switched off (--loaded-loras,
+    # --loaded-lora-mb; core/kept_loras.py); 0 LoRAs: removed after every job.
+    loaded_loras: int = 4
+    loaded_lora_bytes: int = 1024**3
     preload: bool = False  # load the default model at startup instead of on the first job
     device: str | None = None  # None: core picks the best
     limits: wire.Limits = field(default_factory=wire.Limits)
@@ -96,6 +100,10 @@ class BridgeConfig:
         p += [f"--models-dir {d}: not a folder" for d in self.models_dirs if not d.is_dir()]
         if self.lora_cache_bytes < 0:
             p.append(f"--lora-cache-mb: must be 0 (no cache) or more, got {self.lora_cache_bytes // 1024**2}")
+        if self.loaded_loras < 0:
+            p.append(f"--loaded-loras: must be 0 (none kept) or more, got {self.loaded_loras}")
+        if self.loaded_lora_bytes < 0:
+            p.append(f"--loaded-lora-mb: must be 0 or more, got {self.loaded_lora_bytes // 1024**2}")
         if not 0 <= self.port < 65536:
             p.append(f"--port: must be in 0..65535 (0: any free port), got {self.port}")
         return p

@@ -13,6 +13,7 @@ import numpy as np
 
 from core.collage import Collage, CollageError
 from core.generate import GenerationResult
+from core.kept_loras import KeepLoras
 from core.loras import DEFAULT_CACHE_BYTES, LoraCache
 from core.progress import Progress
 from krita_plugin.collage_diffusion import wire
@@ -88,6 +89,7 @@ class Engine:
         resolve: Callable[[str], tuple[str, str | None]] | None = None,
         lora_cache_bytes: int = DEFAULT_CACHE_BYTES,
         ip_adapter: Callable[[object], object] | None = None,
+        keep_loras: KeepLoras | None = None,
     ):
         self.device = device
         # The loaded model -> its IP-Adapter files (`catalog.ModelCatalog.ip_adapter`), or None.
@@ -98,14 +100,17 @@ class Engine:
         self.current = None  # core.models.LoadedModel
         self._peeked: dict[str, tuple] = {}  # ref -> (family, native size) read from its files
         self.current_ref: str | None = None
-        # LoRA files read once and kept while they are reused (--lora-cache-mb); the model itself
-        # is restored after every job.
+        # LoRA files read once and kept while they are reused (--lora-cache-mb), and the PEFT
+        # layers of the last few left in the model, switched off between jobs (--loaded-loras).
         self.lora_cache = LoraCache(lora_cache_bytes)
+        self.keep_loras = KeepLoras() if keep_loras is None else keep_loras
 
     def load(self, name: str):
         from core.models import load_pipeline
 
         ref, config = self.resolve(name)
+        if self.current is not None and name != self.current_ref:
+            self.release_loras()  # another model: the old one's LoRAs go with it
         model = load_pipeline(ref, device=self.device, config=config)
         self.current, self.current_ref = model, name
         return model
@@ -134,8 +139,9 @@ class Engine:
         # the dock sends those already), scaled back, strength-0 pixels pasted back unchanged.
         canvas = (req.collage.width, req.collage.height)
         size = generation_size(canvas, "document", model.native_size, model.family.size_multiple)
-        # The LoRAs are unloaded again after the job, also on error or cancel.
-        with applied_loras(model, req.loras, self.lora_cache):
+        # Exactly the job's LoRAs on; after it (also on error or cancel) all off, and removed
+        # beyond --loaded-loras.
+        with applied_loras(model, req.loras, self.lora_cache, self.keep_loras):
             result = generate_at_size(
                 model,
                 req.collage,
@@ -163,6 +169,13 @@ class Engine:
                 )
         result.warnings[:0] = warnings
         return result
+
+    def release_loras(self) -> None:
+        """Remove the LoRAs left loaded in the current model (the model switch, the bridge's stop)."""
+        from core.kept_loras import kept_adapters, release
+
+        if self.current is not None and kept_adapters(self.current.pipeline):
+            release(self.current.pipeline)
 
     def _hooks(self, model, req: RunRequest) -> tuple[list, list[str]]:
         """The job's sampler hooks. The ControlNet is cached by core and re-checked against this

@@ -35,7 +35,7 @@ from .convert import (
     parse_request,
     to_collage,
 )
-from .engine import Engine, RunJob, RunRequest
+from .engine import Engine, KeepLoras, RunJob, RunRequest
 from .images import preview_png
 from .results import save_results
 from .storage import JobStore, StoredJob, new_job_id, select_for_cleanup
@@ -92,6 +92,7 @@ class JobManager:
             config.engine_options,
             self.catalog.resolve,
             config.lora_cache_bytes,
+            keep_loras=KeepLoras(max(config.loaded_loras, 0), max(config.loaded_lora_bytes, 0)),
             ip_adapter=self.catalog.ip_adapter,
         )
         self.run_job: RunJob = run_job or self.engine.run
@@ -143,6 +144,7 @@ class JobManager:
             self.running.cancel.set()
         if self._cleaner:
             self._cleaner.cancel()
+        released = True
         if self._worker:
             self._wake.set()
             try:
@@ -150,6 +152,9 @@ class JobManager:
             except asyncio.TimeoutError:
                 log.error("the running job did not stop within %.0f s; leaving it", timeout)
                 self._worker.cancel()
+                released = False  # the GPU thread is still busy with it
+        if released:  # the LoRAs left loaded go: core's model may outlive this bridge (tests)
+            await asyncio.get_running_loop().run_in_executor(self._gpu, self.engine.release_loras)
         self._gpu.shutdown(wait=False, cancel_futures=True)
         await self._in_io(lambda: None)  # the last records are on disk
         self._io.shutdown(wait=True)

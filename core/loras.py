@@ -30,6 +30,17 @@ from pathlib import Path
 import torch
 
 from .collage import CollageError
+from .kept_loras import (
+    KEEP_NONE,
+    KeepLoras,
+    activate,
+    adapter_keys,
+    add,
+    forget_failed,
+    kept_adapters,
+    prepare,
+    settle,
+)
 from .model_sources import stat_key
 from .weight_files import KIND_WORDS, LORA, WeightsUnreadable, kind_of, lora_family, read_weight_names
 
@@ -168,14 +179,22 @@ DEFAULT_CACHE = LoraCache()
 
 
 @contextlib.contextmanager
-def applied_loras(model, loras: Sequence[LoraSpec], cache: LoraCache | None = None) -> Iterator[None]:
-    """Apply `loras` to `model`'s pipeline inside the block; on exit (also on error or cancel)
-    every LoRA layer is removed and the model's weights and modules are as before. The files are
-    read through `cache` (default: `DEFAULT_CACHE`).
+def applied_loras(
+    model, loras: Sequence[LoraSpec], cache: LoraCache | None = None, keep: KeepLoras | None = None
+) -> Iterator[None]:
+    """Apply exactly `loras` to `model`'s pipeline inside the block, at their weights. The files
+    are read through `cache` (default: `DEFAULT_CACHE`).
+
+    `keep` (default `KEEP_NONE`: every LoRA's PEFT layers removed on exit, the model's modules
+    its own again) lets adapters stay injected after the job, switched off, within its bound
+    (`core.kept_loras`); a later job switches on its own and nothing else. Either way, on exit
+    (also on error or cancel) the model computes what the model without LoRAs does.
 
     Raises `CollageError` (one "field: problem" per LoRA that does not fit) before touching the
     model."""
-    if not loras:
+    keep = KEEP_NONE if keep is None else keep
+    pipe = model.pipeline
+    if not loras and not kept_adapters(pipe):
         yield
         return
     problems = [
@@ -185,24 +204,27 @@ def applied_loras(model, loras: Sequence[LoraSpec], cache: LoraCache | None = No
     ]
     if problems:
         raise CollageError(problems)
-    pipe = model.pipeline
     cache = DEFAULT_CACHE if cache is None else cache
     try:
-        names = []
-        for i, spec in enumerate(loras):
-            name = f"job_lora_{i}"
+        keys = adapter_keys([Path(spec.path) for spec in loras])
+        names, registry = prepare(pipe, keys, keep)
+        for spec, key, name in zip(loras, keys, names, strict=True):
+            if name is not None:
+                continue
+            name = registry.new_name()
             try:
                 # A shallow copy: diffusers renames keys (kohya's) in the dict it is given.
                 state = dict(cache.state_dict(Path(spec.path)))
                 pipe.load_lora_weights(state, adapter_name=name)
             except (ValueError, KeyError, RuntimeError, OSError) as e:
+                forget_failed(pipe, registry, name)
                 raise CollageError(
                     [f"{spec.field or spec.label}: LoRA '{spec.label}' cannot be loaded: {e}"]
                 ) from e
-            names.append(name)
-        pipe.set_adapters(names, adapter_weights=[float(s.weight) for s in loras])
+            add(pipe, registry, key, name)
+        activate(pipe, registry, keys, [float(s.weight) for s in loras])
         yield
     finally:
-        # Removes the PEFT layers themselves (not only the adapters), so that the modules and
-        # their state dicts are the model's own again.
-        pipe.unload_lora_weights()
+        # Every adapter off, and removed beyond `keep` (all of them, PEFT layers included, by
+        # default), so that the modules and their state dicts are the model's own again.
+        settle(pipe, keep)
