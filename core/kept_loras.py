@@ -169,9 +169,22 @@ def activate(pipe, reg: _Registry, keys: list[AdapterKey], weights: list[float])
         pipe.enable_lora()  # layers injected before a newer adapter are still disabled
         reg.enabled = True
         pipe.set_adapters([reg.entries[k].name for k in keys], adapter_weights=weights)
+        _freeze(pipe)
     elif reg.enabled:
         pipe.disable_lora()
         reg.enabled = False
+
+
+def _freeze(pipe) -> None:
+    """PEFT makes active adapters trainable; nothing here trains them, and gradients a job takes
+    through the text encoder (textual inversion) would otherwise also fill, and keep, theirs."""
+    for component in pipe._lora_loadable_modules:
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        for name, param in model.named_parameters():
+            if param.requires_grad and ".lora_" in name:
+                param.requires_grad_(False)
 
 
 def settle(pipe, keep: KeepLoras) -> None:

@@ -1,5 +1,5 @@
 """LoRAs for one generation: loaded into the shared model with diffusers' loaders (PEFT), and
-unloaded afterwards, also when the job fails or is cancelled.
+switched off afterwards, also when the job fails or is cancelled.
 
 A context manager around `generate` rather than a sampler hook: hooks are installed after the
 prompt is encoded, and a LoRA changes the text encoders as well as the U-Net. Each file is read
@@ -10,12 +10,16 @@ is a clear error naming it and the model is never touched.
 
 Between jobs the files' state dicts stay in a `LoraCache` (CPU memory, least recently used dropped
 past a byte bound; keyed by path, size and modification time, so an edited file is read again).
-The PEFT layers themselves are removed after every job rather than kept loaded and disabled: the
-model is then exactly the model that never saw a LoRA (its modules and state dict), whatever else
-later touches it. That is the larger part of a LoRA's cost: benchmarks/bench_loras.py, full-size
-SD 1.5 U-Net and text encoder on a shared 2-core CPU, rank-32 kohya LoRA of 33 MiB: reading the
-file 0.07-0.1 s (what the cache saves), converting kohya names 2 ms, injecting and removing the
-layers 3.8-9.2 s, switching kept adapters on and off 0.1-0.15 s.
+Injecting and removing the PEFT layers is the larger part of a LoRA's cost: benchmarks/
+bench_loras.py, full-size SD 1.5 U-Net and text encoder on a shared 2-core CPU, rank-32 kohya LoRA
+of 33 MiB: reading the file 0.07-0.1 s (what the cache saves), converting kohya names 2 ms,
+injecting and removing the layers 3.8-9.2 s, switching kept adapters on and off 0.1-0.15 s. So
+with `keep` (`core.kept_loras.KeepLoras`; the bridge's `--loaded-loras`) the layers stay in the
+model after the job, switched off, and a later job switches on exactly its own. The default,
+`KEEP_NONE`, removes them after every job (the CLI's one job needs nothing kept): the model's
+modules and state dict are then its own again. Either way a job computes byte for byte what it
+computes on a model that never saw a LoRA (tests/test_lora_keeping.py), as PEFT's switched-off
+layers call their base layer alone and an inactive adapter's layers are skipped.
 """
 
 from __future__ import annotations

@@ -196,6 +196,50 @@ def test_cancel_and_failures_leave_the_kept_loras_off(demo_pipeline, demo_loras,
     assert len(kept_adapters(pipe)) == 1
 
 
+def test_embeddings_and_inversion_gradients_with_kept_text_encoder_loras(
+    demo_pipeline, demo_text_loras, tmp_path, pristine
+):
+    """Textual-inversion embeddings splice rows into the text encoders' inputs, under the
+    adapters' layers: with kept adapters, a job naming one gives the fresh model's output."""
+    from core.embeddings import EmbeddingFiles
+    from tests.test_embeddings import vectors, widths_of, write
+
+    pipe = demo_pipeline.pipeline
+    files = EmbeddingFiles(
+        {"moody.pt": write(tmp_path / "moody.pt", "a1111.pt", vectors(widths_of(demo_pipeline), 2, 3))}
+    )
+    collage = two_layer_collage(steps=3, prompt="a red box next to a green leaf, embedding:moody")
+    text = [LoraSpec(demo_text_loras["kohya"], 1.0)]
+    fresh = {
+        name: run(demo_pipeline, collage, loras, keep=KEEP_NONE, embeddings=files)
+        for name, loras in [("plain", []), ("text", text)]
+    }
+    assert not np.array_equal(fresh["plain"][0], fresh["text"][0])
+    for name in ["text", "plain", "text"]:
+        assert_same_job(
+            run(demo_pipeline, collage, [] if name == "plain" else text, embeddings=files), fresh[name]
+        )
+    # The kept adapters' weights are never trainable: gradients through the text encoder (as
+    # textual inversion takes them) leave nothing behind in them.
+    with applied_loras(demo_pipeline, text, None, KEEP):
+        leaves = []
+
+        def as_leaf(module, args, output):  # the token embeddings, as inversion trains them
+            leaves.append(output.detach().requires_grad_(True))
+            return leaves[-1]
+
+        handle = pipe.text_encoder.get_input_embeddings().register_forward_hook(as_leaf)
+        try:
+            ids = pipe.tokenizer("a red box", return_tensors="pt").input_ids
+            with torch.enable_grad():
+                pipe.text_encoder(ids).last_hidden_state.sum().backward()
+        finally:
+            handle.remove()
+    assert leaves[0].grad is not None
+    lora = [p for n, p in pipe.text_encoder.named_parameters() if ".lora_" in n]
+    assert lora and all(not p.requires_grad and p.grad is None for p in lora)
+
+
 def test_tiny_sdxl_kohya_loras_of_both_text_encoders(tiny_sdxl, sdxl_kohya_parts, tmp_path):
     from tests.test_sdxl import collage as sdxl_collage
 

@@ -200,6 +200,7 @@ async def test_the_bridge_applies_library_loras_by_name(
         preview_interval=0.0,
         models_dirs=(tmp_path / "models",),
         allowed_models=(str(tiny_sdxl_dir),),
+        loaded_loras=0,  # removed after each job, read again from the cache (kept: test_lora_keeping.py)
     )
     client = await aiohttp_client(create_app(config))
 
