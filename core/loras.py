@@ -220,8 +220,10 @@ def applied_loras(
                 # A shallow copy: diffusers renames keys (kohya's) in the dict it is given.
                 state = dict(cache.state_dict(Path(spec.path)))
                 pipe.load_lora_weights(state, adapter_name=name)
-            except (ValueError, KeyError, RuntimeError, OSError) as e:
+            except BaseException as e:  # nothing half-loaded stays behind, whatever it was
                 forget_failed(pipe, registry, name)
+                if not isinstance(e, (ValueError, KeyError, RuntimeError, OSError)):
+                    raise
                 raise CollageError(
                     [f"{spec.field or spec.label}: LoRA '{spec.label}' cannot be loaded: {e}"]
                 ) from e
