@@ -154,7 +154,10 @@ class JobManager:
                 self._worker.cancel()
                 released = False  # the GPU thread is still busy with it
         if released:  # the LoRAs left loaded go: core's model may outlive this bridge (tests)
-            await asyncio.get_running_loop().run_in_executor(self._gpu, self.engine.release_loras)
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._gpu, self.engine.release_loras)
+            except Exception:
+                log.exception("could not remove the LoRAs left loaded in the model")
         self._gpu.shutdown(wait=False, cancel_futures=True)
         await self._in_io(lambda: None)  # the last records are on disk
         self._io.shutdown(wait=True)
