@@ -19,7 +19,7 @@ from core.generate import generate
 from core.kept_loras import KEEP_NONE, KeepLoras, kept_adapters, kept_bytes, release
 from core.loras import LoraCache, LoraSpec, applied_loras
 from core.progress import GenerationCancelled
-from tests import test_loras, test_loras_encoders
+from tests import test_ip_adapter, test_loras, test_loras_encoders
 from tests.test_generate import two_layer_collage
 from tests.test_loras import assert_same_state, snapshot
 
@@ -29,6 +29,8 @@ peft = pytest.importorskip("peft")
 demo_loras = test_loras.demo_loras
 demo_text_loras = test_loras_encoders.demo_text_loras
 sdxl_kohya_parts = test_loras_encoders.sdxl_kohya_parts
+encoder_files = test_ip_adapter.encoder_files
+ip_files = test_ip_adapter.demo_files
 
 KEEP = KeepLoras(4)
 
@@ -238,6 +240,32 @@ def test_embeddings_and_inversion_gradients_with_kept_text_encoder_loras(
     assert leaves[0].grad is not None
     lora = [p for n, p in pipe.text_encoder.named_parameters() if ".lora_" in n]
     assert lora and all(not p.requires_grad and p.grad is None for p in lora)
+
+
+def test_ip_adapter_jobs_among_kept_loras(demo_pipeline, demo_loras, demo_text_loras, ip_files, pristine):
+    """The IP-Adapter look wraps the attn2 processors for a job and calls their (LoRA-wrapped)
+    projections: with adapters kept, its jobs give the fresh model's output too."""
+    from core.ip_adapter import release_ip_adapters
+    from core.options import EngineOptions, build_hooks
+    from tests.test_ip_adapter import two_layer_collage as ip_collage
+
+    collage = ip_collage()
+    hooks, _ = build_hooks(demo_pipeline, collage, EngineOptions(ip_adapter=ip_files))
+    jobs = {
+        "plain": [],
+        "A": [LoraSpec(demo_loras["kohya"], 1.0)],
+        "B": [LoraSpec(demo_text_loras["both"], 0.7)],
+    }
+    try:
+        fresh = {
+            name: run(demo_pipeline, collage, loras, keep=KEEP_NONE, hooks=hooks)
+            for name, loras in jobs.items()
+        }
+        assert len({img.tobytes() for img, _ in fresh.values()}) == len(jobs)
+        for name in ["A", "plain", "B", "A", "plain"]:
+            assert_same_job(run(demo_pipeline, collage, jobs[name], hooks=hooks), fresh[name])
+    finally:
+        release_ip_adapters()
 
 
 def test_tiny_sdxl_kohya_loras_of_both_text_encoders(tiny_sdxl, sdxl_kohya_parts, tmp_path):
