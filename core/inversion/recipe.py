@@ -70,6 +70,15 @@ class InversionSettings:
     weight_decay: float = 1e-2
     scale: tuple[float, float] = (0.8, 1.0)
     flip: bool = True
+    # Experimental knobs (docs/inversion.md, "what was tried"):
+    # the object keeps its share of the layer's canvas instead of filling the square;
+    keep_size: bool = False
+    # timesteps drawn from this fraction of the training schedule (0 = clean, 1 = pure noise);
+    timesteps: tuple[float, float] = (0.0, 1.0)
+    # v*'s norm held at most this many times its words' mean embedding norm (None: free);
+    max_norm: float | None = None
+    # weight of a loss outside the object: the prediction with v* must match the one without it;
+    outside_weight: float = 0.0
     # False repeats the first batch (augmentation, noise, timestep) every step instead of drawing
     # a new one: the loss must then fall steadily. A sanity check of the optimisation (tests).
     resample: bool = True

@@ -33,7 +33,9 @@ def _object_tensor(image: np.ndarray) -> torch.Tensor | None:
     return torch.from_numpy(np.ascontiguousarray(premultiplied)).permute(2, 0, 1).contiguous()
 
 
-def augment(obj: torch.Tensor, size: int, gen: torch.Generator, settings: InversionSettings):
+def augment(
+    obj: torch.Tensor, size: int, gen: torch.Generator, settings: InversionSettings, layer_side: int = 0
+):
     """One augmented sample: the object scaled into a size×size square at a random place, maybe
     flipped, over a random colour. Returns RGB (3, size, size) in [-1, 1] and alpha (1, size, size).
 
@@ -42,7 +44,7 @@ def augment(obj: torch.Tensor, size: int, gen: torch.Generator, settings: Invers
     _, h, w = obj.shape
     lo, hi = settings.scale
     s = lo + (hi - lo) * float(torch.rand((), generator=gen))
-    fit = size / max(h, w)
+    fit = size / (layer_side if settings.keep_size and layer_side else max(h, w))
     nh, nw = max(1, min(size, round(h * fit * s))), max(1, min(size, round(w * fit * s)))
     resized = F.interpolate(obj[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
     y = int(torch.randint(0, size - nh + 1, (), generator=gen))
@@ -94,6 +96,19 @@ def initial_embedding(pipe, text: str, family: ModelFamily = SD1) -> torch.Tenso
     return torch.cat(parts)
 
 
+def word_norm(pipe, text: str, family: ModelFamily = SD1) -> float:
+    """The mean input-embedding norm of the layer text's tokens (their parts side by side)."""
+    norms = []
+    for slot in family.text_encoders:
+        tokenizer = getattr(pipe, slot.tokenizer)
+        ids = tokenizer(text, add_special_tokens=False).input_ids or [tokenizer.eos_token_id]
+        weight = getattr(pipe, slot.encoder).get_input_embeddings().weight
+        norms.append(
+            weight[torch.tensor(ids, device=weight.device)].detach().float().norm(dim=-1).mean().cpu()
+        )
+    return float(torch.stack(norms).pow(2).sum().sqrt())
+
+
 def _train(*args, **kwargs) -> InversionResult:
     # Gradients for v* even inside generate()'s no_grad (or a caller's inference_mode).
     with torch.inference_mode(False), torch.enable_grad():
@@ -141,6 +156,21 @@ def _train_steps(
             ).input_ids.to(device)
         )
 
+    plain_template_ids = []  # the same prompts without v*: the outside loss's reference
+    if settings.outside_weight > 0:
+        plain_prompts = [t.format(" ".join(text.split())) for t in templates]
+        for slot in family.text_encoders:
+            tokenizer = getattr(pipe, slot.tokenizer)
+            plain_template_ids.append(
+                tokenizer(
+                    plain_prompts,
+                    padding="max_length",
+                    max_length=tokenizer.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids.to(device)
+            )
+
     gen = torch.Generator("cpu").manual_seed(settings.seed)
     param = init.detach().clone().float().to(device).requires_grad_(True)  # fp32 master weight
     optimizer = torch.optim.AdamW([param], lr=settings.learning_rate, weight_decay=settings.weight_decay)
@@ -149,22 +179,31 @@ def _train_steps(
 
     def draw():
         """One batch: augmented samples, their latents, noise, timesteps, masks and prompts."""
-        samples = [augment(obj, size, gen, settings) for _ in range(settings.batch_size)]
+        samples = [
+            augment(obj, size, gen, settings, max(image.shape[:2])) for _ in range(settings.batch_size)
+        ]
         pixels = torch.stack([s[0] for s in samples]).to(device=device, dtype=dtype)
         alpha = torch.stack([s[1] for s in samples])
         mask = F.avg_pool2d(alpha, factor).to(device)  # exact area average to latent size
         with torch.no_grad():
             latents = pipe.vae.encode(pixels).latent_dist.mode() * scaling
         noise = torch.randn(latents.shape, generator=gen).to(device=device, dtype=dtype)
-        timesteps = torch.randint(0, n_train, (settings.batch_size,), generator=gen).to(device)
+        t_lo, t_hi = settings.timesteps
+        lo_t, hi_t = int(round(t_lo * (n_train - 1))), int(round(t_hi * (n_train - 1)))
+        timesteps = torch.randint(lo_t, hi_t + 1, (settings.batch_size,), generator=gen).to(device)
         which = torch.randint(0, len(templates), (settings.batch_size,), generator=gen)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         if prediction == "v_prediction":
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        return noisy, timesteps, target, mask, [ids[which.to(device)] for ids in template_ids]
+        chosen = which.to(device)
+        plain = [ids[chosen] for ids in plain_template_ids] if plain_template_ids else None
+        return noisy, timesteps, target, mask, [ids[chosen] for ids in template_ids], plain
 
+    limit = None
+    if settings.max_norm is not None:
+        limit = settings.max_norm * word_norm(pipe, text, family)
     losses: list[float] = []
     encoders = [getattr(pipe, slot.encoder) for slot in family.text_encoders]
     bases = [encoder.get_input_embeddings() for encoder in encoders]
@@ -179,16 +218,32 @@ def _train_steps(
             check_cancel(cancel)
             if batch is None or settings.resample:
                 batch = draw()
-            noisy, timesteps, target, mask, ids = batch
+            noisy, timesteps, target, mask, ids, plain_ids = batch
             hidden, added = family.encode_ids(pipe, ids, (size, size))
             pred = unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
             err = (pred.float() - target.float()) ** 2
             loss = (err * mask).sum() / (mask.sum() * err.shape[1]).clamp_min(1e-8)
+            if settings.outside_weight > 0:
+                with torch.no_grad():
+                    plain_hidden, plain_added = family.encode_ids(pipe, plain_ids, (size, size))
+                    plain = unet(
+                        noisy, timesteps, encoder_hidden_states=plain_hidden, added_cond_kwargs=plain_added
+                    ).sample
+                out = 1 - mask
+                drift = ((pred.float() - plain.float()) ** 2 * out).sum() / (
+                    out.sum() * err.shape[1]
+                ).clamp_min(1e-8)
+                loss = loss + settings.outside_weight * drift
             grad = scaler.grad(loss, param)
             if grad is not None:
                 param.grad = grad
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if limit is not None:
+                    with torch.no_grad():
+                        norm = param.norm()
+                        if norm > limit:
+                            param.mul_(limit / norm)
             losses.append(float(loss.detach()))
             report(Progress(phase, step + 1, settings.steps))
     finally:
