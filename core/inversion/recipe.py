@@ -70,15 +70,11 @@ class InversionSettings:
     weight_decay: float = 1e-2
     scale: tuple[float, float] = (0.8, 1.0)
     flip: bool = True
-    # Experimental knobs (docs/inversion.md, "what was tried"):
-    # the object keeps its share of the layer's canvas instead of filling the square;
-    keep_size: bool = False
-    # timesteps drawn from this fraction of the training schedule (0 = clean, 1 = pure noise);
+    # The object keeps its share of the canvas it is placed on (scaled by `scale`), instead of
+    # filling the square: the token is learnt at the size it is generated at.
+    keep_size: bool = True
+    # Timesteps are drawn from this part of the training schedule (0 = clean, 1 = pure noise).
     timesteps: tuple[float, float] = (0.0, 1.0)
-    # v*'s norm held at most this many times its words' mean embedding norm (None: free);
-    max_norm: float | None = None
-    # weight of a loss outside the object: the prediction with v* must match the one without it;
-    outside_weight: float = 0.0
     # False repeats the first batch (augmentation, noise, timestep) every step instead of drawing
     # a new one: the loss must then fall steadily. A sanity check of the optimisation (tests).
     resample: bool = True
@@ -98,12 +94,28 @@ class InversionSettings:
         lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
             problems.append(f"scale must satisfy 0 < low <= high <= 1, got {self.scale!r}")
+        lo, hi = self.timesteps
+        if not 0 <= lo <= hi <= 1:
+            problems.append(f"timesteps must satisfy 0 <= low <= high <= 1, got {self.timesteps!r}")
         if problems:
             raise ValueError("InversionSettings: " + "; ".join(problems))
 
 
 #: What `appearance_tokens` uses when it is given no settings (tests may monkeypatch this).
 DEFAULT_SETTINGS = InversionSettings()
+#: Fields that differ for one model (by `LoadedModel.identity`), applied over `DEFAULT_SETTINGS`.
+#: The demo model (docs/inversion.md, "what was tried"): its token embeddings are ~8x larger per
+#: entry than CLIP's (norm ~0.7 in 32 dimensions), so a larger step; its 8x8 latents carry no
+#: detail, so the low-noise fifth of the schedule teaches nothing; 200 steps are enough there.
+MODEL_SETTINGS: dict[str, dict[str, object]] = {
+    DEMO_VERSION: {"steps": 200, "learning_rate": 5e-3, "timesteps": (0.2, 1.0)},
+}
+
+
+def settings_for(identity: str) -> InversionSettings:
+    """The settings a model trains with when none are given: `DEFAULT_SETTINGS` with that
+    model's `MODEL_SETTINGS` fields."""
+    return dataclasses.replace(DEFAULT_SETTINGS, **MODEL_SETTINGS.get(identity, {}))
 
 
 @dataclass
@@ -149,12 +161,15 @@ def cache_key(
     settings: InversionSettings,
     resolution: int,
     family: str = "sd1",
+    canvas_side: int | None = None,
 ) -> str:
     """sha256 of everything that determines the embedding: model (and its family), pixels, text,
-    hyper-parameters."""
+    hyper-parameters, and with ``keep_size`` the canvas's longer side (default: the image's)."""
     canon = canonical_image(image)
     params = dataclasses.asdict(settings)
     params["resolution"] = resolution
+    if settings.keep_size:  # the object's share of the canvas is what training sees
+        params["canvas"] = int(canvas_side or max(image.shape[:2]))
     h = hashlib.sha256()
     for part in (
         f"collage-inversion/{RECIPE_VERSION}",

@@ -34,17 +34,19 @@ def _object_tensor(image: np.ndarray) -> torch.Tensor | None:
 
 
 def augment(
-    obj: torch.Tensor, size: int, gen: torch.Generator, settings: InversionSettings, layer_side: int = 0
+    obj: torch.Tensor, size: int, gen: torch.Generator, settings: InversionSettings, canvas_side: int = 0
 ):
     """One augmented sample: the object scaled into a size×size square at a random place, maybe
-    flipped, over a random colour. Returns RGB (3, size, size) in [-1, 1] and alpha (1, size, size).
+    flipped, over a random colour. Its size: `settings.scale` times "fits the square", or with
+    ``keep_size`` times its size on its canvas (longer side `canvas_side`) mapped onto the square.
+    Returns RGB (3, size, size) in [-1, 1] and alpha (1, size, size).
 
     Resampling works on premultiplied colour, so pixels with alpha 0 contribute nothing.
     """
     _, h, w = obj.shape
     lo, hi = settings.scale
     s = lo + (hi - lo) * float(torch.rand((), generator=gen))
-    fit = size / (layer_side if settings.keep_size and layer_side else max(h, w))
+    fit = size / (canvas_side if settings.keep_size and canvas_side else max(h, w))
     nh, nw = max(1, min(size, round(h * fit * s))), max(1, min(size, round(w * fit * s)))
     resized = F.interpolate(obj[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
     y = int(torch.randint(0, size - nh + 1, (), generator=gen))
@@ -96,19 +98,6 @@ def initial_embedding(pipe, text: str, family: ModelFamily = SD1) -> torch.Tenso
     return torch.cat(parts)
 
 
-def word_norm(pipe, text: str, family: ModelFamily = SD1) -> float:
-    """The mean input-embedding norm of the layer text's tokens (their parts side by side)."""
-    norms = []
-    for slot in family.text_encoders:
-        tokenizer = getattr(pipe, slot.tokenizer)
-        ids = tokenizer(text, add_special_tokens=False).input_ids or [tokenizer.eos_token_id]
-        weight = getattr(pipe, slot.encoder).get_input_embeddings().weight
-        norms.append(
-            weight[torch.tensor(ids, device=weight.device)].detach().float().norm(dim=-1).mean().cpu()
-        )
-    return float(torch.stack(norms).pow(2).sum().sqrt())
-
-
 def _train(*args, **kwargs) -> InversionResult:
     # Gradients for v* even inside generate()'s no_grad (or a caller's inference_mode).
     with torch.inference_mode(False), torch.enable_grad():
@@ -125,8 +114,10 @@ def _train_steps(
     settings: InversionSettings,
     report: ProgressCallback,
     cancel: CancelFlag | None,
+    canvas_side: int = 0,
 ) -> InversionResult:
-    """Train v* for `token` (already in the tokenizer with id `token_id`) on one layer image."""
+    """Train v* for `token` (already in the tokenizer with id `token_id`) on one layer image
+    (`canvas_side`: the longer side of the canvas it is placed on, for ``keep_size``)."""
     from diffusers import DDPMScheduler
 
     pipe, device, dtype, family = model.pipeline, model.device, model.dtype, model.family
@@ -156,21 +147,6 @@ def _train_steps(
             ).input_ids.to(device)
         )
 
-    plain_template_ids = []  # the same prompts without v*: the outside loss's reference
-    if settings.outside_weight > 0:
-        plain_prompts = [t.format(" ".join(text.split())) for t in templates]
-        for slot in family.text_encoders:
-            tokenizer = getattr(pipe, slot.tokenizer)
-            plain_template_ids.append(
-                tokenizer(
-                    plain_prompts,
-                    padding="max_length",
-                    max_length=tokenizer.model_max_length,
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids.to(device)
-            )
-
     gen = torch.Generator("cpu").manual_seed(settings.seed)
     param = init.detach().clone().float().to(device).requires_grad_(True)  # fp32 master weight
     optimizer = torch.optim.AdamW([param], lr=settings.learning_rate, weight_decay=settings.weight_decay)
@@ -179,9 +155,7 @@ def _train_steps(
 
     def draw():
         """One batch: augmented samples, their latents, noise, timesteps, masks and prompts."""
-        samples = [
-            augment(obj, size, gen, settings, max(image.shape[:2])) for _ in range(settings.batch_size)
-        ]
+        samples = [augment(obj, size, gen, settings, canvas_side) for _ in range(settings.batch_size)]
         pixels = torch.stack([s[0] for s in samples]).to(device=device, dtype=dtype)
         alpha = torch.stack([s[1] for s in samples])
         mask = F.avg_pool2d(alpha, factor).to(device)  # exact area average to latent size
@@ -197,13 +171,8 @@ def _train_steps(
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        chosen = which.to(device)
-        plain = [ids[chosen] for ids in plain_template_ids] if plain_template_ids else None
-        return noisy, timesteps, target, mask, [ids[chosen] for ids in template_ids], plain
+        return noisy, timesteps, target, mask, [ids[which.to(device)] for ids in template_ids]
 
-    limit = None
-    if settings.max_norm is not None:
-        limit = settings.max_norm * word_norm(pipe, text, family)
     losses: list[float] = []
     encoders = [getattr(pipe, slot.encoder) for slot in family.text_encoders]
     bases = [encoder.get_input_embeddings() for encoder in encoders]
@@ -218,32 +187,16 @@ def _train_steps(
             check_cancel(cancel)
             if batch is None or settings.resample:
                 batch = draw()
-            noisy, timesteps, target, mask, ids, plain_ids = batch
+            noisy, timesteps, target, mask, ids = batch
             hidden, added = family.encode_ids(pipe, ids, (size, size))
             pred = unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
             err = (pred.float() - target.float()) ** 2
             loss = (err * mask).sum() / (mask.sum() * err.shape[1]).clamp_min(1e-8)
-            if settings.outside_weight > 0:
-                with torch.no_grad():
-                    plain_hidden, plain_added = family.encode_ids(pipe, plain_ids, (size, size))
-                    plain = unet(
-                        noisy, timesteps, encoder_hidden_states=plain_hidden, added_cond_kwargs=plain_added
-                    ).sample
-                out = 1 - mask
-                drift = ((pred.float() - plain.float()) ** 2 * out).sum() / (
-                    out.sum() * err.shape[1]
-                ).clamp_min(1e-8)
-                loss = loss + settings.outside_weight * drift
             grad = scaler.grad(loss, param)
             if grad is not None:
                 param.grad = grad
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if limit is not None:
-                    with torch.no_grad():
-                        norm = param.norm()
-                        if norm > limit:
-                            param.mul_(limit / norm)
             losses.append(float(loss.detach()))
             report(Progress(phase, step + 1, settings.steps))
     finally:
@@ -261,15 +214,20 @@ def train_embedding(
     settings: InversionSettings | None = None,
     report: ProgressCallback | None = None,
     cancel: CancelFlag | None = None,
+    canvas_side: int | None = None,
 ) -> InversionResult:
     """Learn one embedding for an RGBA layer image and its text (no cache); the shared model is
-    left exactly as it was. For tests, benchmarks and tools; `appearance_tokens` is the normal way."""
-    settings = settings or recipe.DEFAULT_SETTINGS
+    left exactly as it was. For tests, benchmarks and tools; `appearance_tokens` is the normal way.
+    `canvas_side`: the longer side of the canvas the layer sits on (default: the image's)."""
+    settings = settings or recipe.settings_for(model.identity)
     settings.check()
     pipe, family = model.pipeline, model.family
     size = resolved_resolution(pipe, settings)
-    key = cache_key(model.identity, image, text, settings, size, family.id)
+    side = int(canvas_side or max(image.shape[:2]))
+    key = cache_key(model.identity, image, text, settings, size, family.id, side)
     token = placeholder_tokens([key], pipe.tokenizer.get_vocab())[key]
     init = initial_embedding(pipe, text, family)
     with added_tokens(pipe, [token], init[None], family) as (ids, _embeddings):
-        return _train(model, token, ids[0], image, text, init, settings, report or (lambda p: None), cancel)
+        return _train(
+            model, token, ids[0], image, text, init, settings, report or (lambda p: None), cancel, side
+        )
