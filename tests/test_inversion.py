@@ -129,6 +129,22 @@ def test_keep_size_trains_the_object_at_its_share_of_the_canvas():
     )
 
 
+def test_max_norm_holds_the_embedding_near_its_words(demo_pipeline):
+    # A large step lets v* grow well past a word's length; with max_norm it ends within that
+    # multiple of the layer words' mean embedding norm (it is projected back after every step).
+    loud = dataclasses.replace(TINY, steps=8, learning_rate=0.2, weight_decay=0.0)
+    words = inversion.training.word_norm(demo_pipeline.pipeline, "salmon sushi")
+    free = train_embedding(demo_pipeline, sushi_image(), "salmon sushi", settings=loud)
+    assert free.embedding.norm() > 1.5 * words
+    held = train_embedding(
+        demo_pipeline, sushi_image(), "salmon sushi", settings=dataclasses.replace(loud, max_norm=1.0)
+    )
+    assert held.embedding.norm() <= words * (1 + 1e-5)
+    assert held.embedding.norm() > 0.5 * words and not torch.equal(held.embedding, free.embedding)
+    with pytest.raises(ValueError, match="max_norm"):
+        InversionSettings(max_norm=0.0).check()
+
+
 def test_timesteps_come_from_the_chosen_range(demo_pipeline):
     seen = []
     unet = demo_pipeline.pipeline.unet

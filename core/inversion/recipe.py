@@ -75,6 +75,9 @@ class InversionSettings:
     keep_size: bool = True
     # Timesteps are drawn from this part of the training schedule (0 = clean, 1 = pure noise).
     timesteps: tuple[float, float] = (0.0, 1.0)
+    # After each step v* is scaled back to at most this multiple of the mean norm of the layer
+    # words' embeddings (None: free). A token far longer than a word outweighs the whole caption.
+    max_norm: float | None = None
     # False repeats the first batch (augmentation, noise, timestep) every step instead of drawing
     # a new one: the loss must then fall steadily. A sanity check of the optimisation (tests).
     resample: bool = True
@@ -94,6 +97,8 @@ class InversionSettings:
         lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
             problems.append(f"scale must satisfy 0 < low <= high <= 1, got {self.scale!r}")
+        if self.max_norm is not None and not (isinstance(self.max_norm, (int, float)) and self.max_norm > 0):
+            problems.append(f"max_norm must be None or > 0, got {self.max_norm!r}")
         lo, hi = self.timesteps
         if not 0 <= lo <= hi <= 1:
             problems.append(f"timesteps must satisfy 0 <= low <= high <= 1, got {self.timesteps!r}")

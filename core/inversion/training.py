@@ -98,6 +98,19 @@ def initial_embedding(pipe, text: str, family: ModelFamily = SD1) -> torch.Tenso
     return torch.cat(parts)
 
 
+def word_norm(pipe, text: str, family: ModelFamily = SD1) -> float:
+    """The mean input-embedding norm of the layer text's tokens (each encoder's part side by side,
+    as v* is): what ``max_norm`` is a multiple of."""
+    squares = []
+    for slot in family.text_encoders:
+        tokenizer = getattr(pipe, slot.tokenizer)
+        ids = tokenizer(text, add_special_tokens=False).input_ids or [tokenizer.eos_token_id]
+        weight = getattr(pipe, slot.encoder).get_input_embeddings().weight
+        norms = weight[torch.tensor(ids, device=weight.device)].detach().float().norm(dim=-1)
+        squares.append(norms.mean().cpu() ** 2)
+    return float(torch.stack(squares).sum().sqrt())
+
+
 def _train(*args, **kwargs) -> InversionResult:
     # Gradients for v* even inside generate()'s no_grad (or a caller's inference_mode).
     with torch.inference_mode(False), torch.enable_grad():
@@ -173,6 +186,7 @@ def _train_steps(
             target = noise
         return noisy, timesteps, target, mask, [ids[which.to(device)] for ids in template_ids]
 
+    limit = None if settings.max_norm is None else settings.max_norm * word_norm(pipe, text, family)
     losses: list[float] = []
     encoders = [getattr(pipe, slot.encoder) for slot in family.text_encoders]
     bases = [encoder.get_input_embeddings() for encoder in encoders]
@@ -197,6 +211,9 @@ def _train_steps(
                 param.grad = grad
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if limit is not None:  # projected back onto the ball: Adam's state is kept
+                    with torch.no_grad():
+                        param.mul_((limit / param.norm().clamp_min(1e-12)).clamp(max=1.0))
             losses.append(float(loss.detach()))
             report(Progress(phase, step + 1, settings.steps))
     finally:
