@@ -416,7 +416,6 @@ def eval_appearance(model, args, gallery: Gallery, common: dict) -> list[Row]:
     chosen = {"steps": args.inversion_steps, "learning_rate": args.inversion_lr} | inversion_fields(args)
     chosen = {k: v for k, v in chosen.items() if v is not None}
     inv.DEFAULT_SETTINGS = replace(inv.DEFAULT_SETTINGS, **chosen)
-    inv.MODEL_SETTINGS = {m: fields | chosen for m, fields in inv.MODEL_SETTINGS.items()}  # flags win
     if not args.caption_templates:
         # The demo model's inversions use its captions' grammar ("a red circle on grass");
         # this measures what SD's usual "a photo of a …" prompts, words it never saw, give.

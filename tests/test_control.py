@@ -439,7 +439,6 @@ def test_all_pieces_together(model, controlnet, monkeypatch, tmp_path):
         monkeypatch.setattr(
             inversion.recipe, "DEFAULT_SETTINGS", inversion.InversionSettings(steps=2, resolution=64, seed=5)
         )
-        monkeypatch.setattr(inversion.recipe, "MODEL_SETTINGS", {})  # not the demo's 200 steps
         monkeypatch.setattr(inversion.cache, "cache_dir", lambda: tmp_path)
         c.layers[2].appearance = True
     hooks.append(controlnet_hook(controlnet))

@@ -18,7 +18,6 @@ import torch
 from core import inversion
 from core.collage import Collage, Layer
 from core.compositing import composite
-from core.demo_model import DEMO_VERSION
 from core.inversion import (
     InversionCache,
     InversionResult,
@@ -92,10 +91,7 @@ def test_defaults_are_the_documented_ones():
         1e-2,
     )
     assert s.keep_size and s.timesteps == (0.0, 1.0)
-    # The demo model's own (docs/inversion.md, "what was tried"); any other model gets the defaults.
-    demo = inversion.recipe.settings_for(DEMO_VERSION)
-    assert (demo.steps, demo.learning_rate, demo.timesteps, demo.keep_size) == (200, 5e-3, (0.2, 1.0), True)
-    assert inversion.recipe.settings_for("folder:/my/model") == inversion.recipe.DEFAULT_SETTINGS
+    assert s.max_norm is None and s == inversion.recipe.DEFAULT_SETTINGS
     with pytest.raises(ValueError, match="resolution"):
         InversionSettings(resolution=100).check()
     with pytest.raises(ValueError, match="timesteps"):
@@ -502,7 +498,6 @@ wired = pytest.mark.skipif(not _wired(), reason="generate() does not call appear
 @pytest.fixture
 def small_inversion(monkeypatch, tmp_path):
     monkeypatch.setattr(inversion.recipe, "DEFAULT_SETTINGS", TINY)
-    monkeypatch.setattr(inversion.recipe, "MODEL_SETTINGS", {})  # not the demo model's 200 steps
     monkeypatch.setattr(inversion.cache, "cache_dir", lambda: tmp_path)
     return tmp_path / "embeddings"
 

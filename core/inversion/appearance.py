@@ -45,7 +45,7 @@ def appearance_tokens(
     if not any(appearance_mode(layer.appearance) == "learned" for layer in layers):
         yield [None] * len(layers)
         return
-    settings = settings or recipe.settings_for(model.identity)
+    settings = settings or recipe.DEFAULT_SETTINGS
     settings.check()
     cache = cache if cache is not None else InversionCache()
     report = report or (lambda p: None)

@@ -108,19 +108,6 @@ class InversionSettings:
 
 #: What `appearance_tokens` uses when it is given no settings (tests may monkeypatch this).
 DEFAULT_SETTINGS = InversionSettings()
-#: Fields that differ for one model (by `LoadedModel.identity`), applied over `DEFAULT_SETTINGS`.
-#: The demo model (docs/inversion.md, "what was tried"): its token embeddings are ~8x larger per
-#: entry than CLIP's (norm ~0.7 in 32 dimensions), so a larger step; its 8x8 latents carry no
-#: detail, so the low-noise fifth of the schedule teaches nothing; 200 steps are enough there.
-MODEL_SETTINGS: dict[str, dict[str, object]] = {
-    DEMO_VERSION: {"steps": 200, "learning_rate": 5e-3, "timesteps": (0.2, 1.0)},
-}
-
-
-def settings_for(identity: str) -> InversionSettings:
-    """The settings a model trains with when none are given: `DEFAULT_SETTINGS` with that
-    model's `MODEL_SETTINGS` fields."""
-    return dataclasses.replace(DEFAULT_SETTINGS, **MODEL_SETTINGS.get(identity, {}))
 
 
 @dataclass

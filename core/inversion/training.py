@@ -236,7 +236,7 @@ def train_embedding(
     """Learn one embedding for an RGBA layer image and its text (no cache); the shared model is
     left exactly as it was. For tests, benchmarks and tools; `appearance_tokens` is the normal way.
     `canvas_side`: the longer side of the canvas the layer sits on (default: the image's)."""
-    settings = settings or recipe.settings_for(model.identity)
+    settings = settings or recipe.DEFAULT_SETTINGS
     settings.check()
     pipe, family = model.pipeline, model.family
     size = resolved_resolution(pipe, settings)
