@@ -399,14 +399,35 @@ def appearance_settings(spec: str) -> list[tuple[str, str, float, dict]]:
     return out
 
 
+def inversion_fields(args) -> dict:
+    """--inversion-set FIELD=VALUE items as InversionSettings fields (VALUE in JSON; lists → tuples)."""
+    import json
+
+    from core.inversion import InversionSettings
+
+    names = set(InversionSettings.__dataclass_fields__)
+    out = {}
+    for item in args.inversion_set or []:
+        name, sep, text = item.partition("=")
+        try:
+            if not sep or name not in names:
+                raise ValueError(f"FIELD must be one of {', '.join(sorted(names))}")
+            value = json.loads(text)
+        except ValueError as e:
+            raise SystemExit(f"--inversion-set {item!r}: {e}") from e
+        out[name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
 def eval_appearance(model, args, gallery: Gallery, common: dict) -> list[Row]:
     """§2: the unnamed pattern's and colour's distances: SDEdit, inversion, reference attention."""
     rows: list[Row] = []
     # §2 appearance: inversion off vs on for the layer whose pattern nobody names.
     from core.inversion import recipe as inv  # the knobs are read from here at run time
 
-    chosen = {"steps": args.inversion_steps, "learning_rate": args.inversion_lr}
-    inv.DEFAULT_SETTINGS = replace(inv.DEFAULT_SETTINGS, **{k: v for k, v in chosen.items() if v is not None})
+    chosen = {"steps": args.inversion_steps, "learning_rate": args.inversion_lr} | inversion_fields(args)
+    chosen = {k: v for k, v in chosen.items() if v is not None}
+    inv.DEFAULT_SETTINGS = replace(inv.DEFAULT_SETTINGS, **chosen)
     if not args.caption_templates:
         # The demo model's inversions use its captions' grammar ("a red circle on grass");
         # this measures what SD's usual "a photo of a …" prompts, words it never saw, give.
@@ -608,6 +629,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--inversion-steps", type=int, help="training steps of each inversion (default: core's)")
     p.add_argument("--inversion-lr", type=float, help="learning rate of each inversion (default: core's)")
     p.add_argument(
+        "--inversion-set",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="any other InversionSettings field, VALUE in JSON (keep_size=false, timesteps=[0,1]); repeatable",
+    )
+    p.add_argument(
         "--appearance-attention",
         type=float,
         default=0.0,
@@ -635,6 +662,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    inversion_fields(args)  # a bad --inversion-set stops here, before the model loads
     torch.set_num_threads(args.threads)
     # Inversions go to a throw-away cache: every run measures training, not a cache hit.
     os.environ.setdefault("COLLAGE_CACHE", tempfile.mkdtemp(prefix="eval-pieces-"))

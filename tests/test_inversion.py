@@ -90,8 +90,70 @@ def test_defaults_are_the_documented_ones():
         None,
         1e-2,
     )
+    assert s.keep_size and s.timesteps == (0.0, 1.0)
+    assert s.max_norm is None and s == inversion.recipe.DEFAULT_SETTINGS
     with pytest.raises(ValueError, match="resolution"):
         InversionSettings(resolution=100).check()
+    with pytest.raises(ValueError, match="timesteps"):
+        InversionSettings(timesteps=(0.5, 0.2)).check()
+
+
+def _box(alpha: torch.Tensor) -> tuple[int, int]:
+    ys, xs = torch.nonzero(alpha[0] > 0.5, as_tuple=True)
+    return int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
+
+
+def test_keep_size_trains_the_object_at_its_share_of_the_canvas():
+    # A 16x12 object on a 64-pixel canvas, trained at 128: with keep_size it is 32x24 there (its
+    # share of the canvas), without it it fills the square (128 on its longer side).
+    image = np.zeros((64, 64, 4), np.uint8)
+    image[10:26, 40:52] = (200, 30, 30, 255)
+    obj = inversion.training._object_tensor(image)
+    fixed = dataclasses.replace(TINY, scale=(1.0, 1.0), flip=False)
+    gen = torch.Generator().manual_seed(0)
+    _, alpha = inversion.augment(obj, 128, gen, fixed, canvas_side=64)
+    assert _box(alpha) == (32, 24)
+    _, alpha = inversion.augment(obj, 128, gen, dataclasses.replace(fixed, keep_size=False), canvas_side=64)
+    assert _box(alpha) == (128, 96)
+    # The canvas is part of the key with keep_size (the same pixels on a bigger canvas train
+    # smaller), and not without it.
+    key = cache_key("m", image, "circle", TINY, 64, canvas_side=64)
+    assert cache_key("m", image, "circle", TINY, 64, canvas_side=128) != key
+    fill = dataclasses.replace(TINY, keep_size=False)
+    assert cache_key("m", image, "circle", fill, 64, canvas_side=64) == cache_key(
+        "m", image, "circle", fill, 64, canvas_side=128
+    )
+
+
+def test_max_norm_holds_the_embedding_near_its_words(demo_pipeline):
+    # A large step lets v* grow well past a word's length; with max_norm it ends within that
+    # multiple of the layer words' mean embedding norm (it is projected back after every step).
+    loud = dataclasses.replace(TINY, steps=8, learning_rate=0.2, weight_decay=0.0)
+    words = inversion.training.word_norm(demo_pipeline.pipeline, "salmon sushi")
+    free = train_embedding(demo_pipeline, sushi_image(), "salmon sushi", settings=loud)
+    assert free.embedding.norm() > 1.5 * words
+    held = train_embedding(
+        demo_pipeline, sushi_image(), "salmon sushi", settings=dataclasses.replace(loud, max_norm=1.0)
+    )
+    assert held.embedding.norm() <= words * (1 + 1e-5)
+    assert held.embedding.norm() > 0.5 * words and not torch.equal(held.embedding, free.embedding)
+    with pytest.raises(ValueError, match="max_norm"):
+        InversionSettings(max_norm=0.0).check()
+
+
+def test_timesteps_come_from_the_chosen_range(demo_pipeline):
+    seen = []
+    unet = demo_pipeline.pipeline.unet
+    hook = unet.register_forward_pre_hook(lambda _m, args: seen.append(args[1].clone()))
+    try:
+        settings = dataclasses.replace(TINY, steps=12, timesteps=(0.6, 0.8))
+        train_embedding(demo_pipeline, sushi_image(), "salmon sushi", settings=settings)
+    finally:
+        hook.remove()
+    t = torch.cat(seen)
+    n = demo_pipeline.pipeline.scheduler.config.num_train_timesteps
+    assert len(t) == 12 and t.min() >= round(0.6 * (n - 1)) and t.max() <= round(0.8 * (n - 1))
+    assert len(set(t.tolist())) > 1
 
 
 def test_masked_loss_falls_on_a_fixed_batch(demo_pipeline):

@@ -53,6 +53,7 @@ def appearance_tokens(
     size = resolved_resolution(pipe, settings)
     dims = slot_dims(pipe, family)
     parts = embedding_parts(family, dims)
+    side = max(collage.width, collage.height)  # keep_size: each object's share of this canvas
 
     keys: list[str | None] = [None] * len(layers)
     for i, layer in enumerate(layers):
@@ -61,7 +62,7 @@ def appearance_tokens(
         if not layer.image[..., 3].any():
             log.warning("layer '%s' is fully transparent: no appearance to learn", layer.text)
             continue
-        keys[i] = cache_key(model.identity, layer.image, layer.text, settings, size, family.id)
+        keys[i] = cache_key(model.identity, layer.image, layer.text, settings, size, family.id, side)
     distinct = list(dict.fromkeys(k for k in keys if k is not None))
     if not distinct:
         yield [None] * len(layers)
@@ -86,13 +87,13 @@ def appearance_tokens(
                 continue
             layer = first_layer[k]
             result = _train(
-                model, tokens[k], id_of[k], layer.image, layer.text, inits[k], settings, report, cancel
+                model, tokens[k], id_of[k], layer.image, layer.text, inits[k], settings, report, cancel, side
             )
             metadata = {
                 "text": layer.text,
                 "model": model.identity,
                 "family": family.id,
-                "settings": json.dumps(dataclasses.asdict(settings) | {"resolution": size}),
+                "settings": json.dumps(dataclasses.asdict(settings) | {"resolution": size, "canvas": side}),
                 "final_loss": f"{result.losses[-1]:.6g}" if result.losses else "",
             }
             try:

@@ -33,16 +33,20 @@ def _object_tensor(image: np.ndarray) -> torch.Tensor | None:
     return torch.from_numpy(np.ascontiguousarray(premultiplied)).permute(2, 0, 1).contiguous()
 
 
-def augment(obj: torch.Tensor, size: int, gen: torch.Generator, settings: InversionSettings):
+def augment(
+    obj: torch.Tensor, size: int, gen: torch.Generator, settings: InversionSettings, canvas_side: int = 0
+):
     """One augmented sample: the object scaled into a size×size square at a random place, maybe
-    flipped, over a random colour. Returns RGB (3, size, size) in [-1, 1] and alpha (1, size, size).
+    flipped, over a random colour. Its size: `settings.scale` times "fits the square", or with
+    ``keep_size`` times its size on its canvas (longer side `canvas_side`) mapped onto the square.
+    Returns RGB (3, size, size) in [-1, 1] and alpha (1, size, size).
 
     Resampling works on premultiplied colour, so pixels with alpha 0 contribute nothing.
     """
     _, h, w = obj.shape
     lo, hi = settings.scale
     s = lo + (hi - lo) * float(torch.rand((), generator=gen))
-    fit = size / max(h, w)
+    fit = size / (canvas_side if settings.keep_size and canvas_side else max(h, w))
     nh, nw = max(1, min(size, round(h * fit * s))), max(1, min(size, round(w * fit * s)))
     resized = F.interpolate(obj[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
     y = int(torch.randint(0, size - nh + 1, (), generator=gen))
@@ -94,6 +98,19 @@ def initial_embedding(pipe, text: str, family: ModelFamily = SD1) -> torch.Tenso
     return torch.cat(parts)
 
 
+def word_norm(pipe, text: str, family: ModelFamily = SD1) -> float:
+    """The mean input-embedding norm of the layer text's tokens (each encoder's part side by side,
+    as v* is): what ``max_norm`` is a multiple of."""
+    squares = []
+    for slot in family.text_encoders:
+        tokenizer = getattr(pipe, slot.tokenizer)
+        ids = tokenizer(text, add_special_tokens=False).input_ids or [tokenizer.eos_token_id]
+        weight = getattr(pipe, slot.encoder).get_input_embeddings().weight
+        norms = weight[torch.tensor(ids, device=weight.device)].detach().float().norm(dim=-1)
+        squares.append(norms.mean().cpu() ** 2)
+    return float(torch.stack(squares).sum().sqrt())
+
+
 def _train(*args, **kwargs) -> InversionResult:
     # Gradients for v* even inside generate()'s no_grad (or a caller's inference_mode).
     with torch.inference_mode(False), torch.enable_grad():
@@ -110,8 +127,10 @@ def _train_steps(
     settings: InversionSettings,
     report: ProgressCallback,
     cancel: CancelFlag | None,
+    canvas_side: int = 0,
 ) -> InversionResult:
-    """Train v* for `token` (already in the tokenizer with id `token_id`) on one layer image."""
+    """Train v* for `token` (already in the tokenizer with id `token_id`) on one layer image
+    (`canvas_side`: the longer side of the canvas it is placed on, for ``keep_size``)."""
     from diffusers import DDPMScheduler
 
     pipe, device, dtype, family = model.pipeline, model.device, model.dtype, model.family
@@ -149,14 +168,16 @@ def _train_steps(
 
     def draw():
         """One batch: augmented samples, their latents, noise, timesteps, masks and prompts."""
-        samples = [augment(obj, size, gen, settings) for _ in range(settings.batch_size)]
+        samples = [augment(obj, size, gen, settings, canvas_side) for _ in range(settings.batch_size)]
         pixels = torch.stack([s[0] for s in samples]).to(device=device, dtype=dtype)
         alpha = torch.stack([s[1] for s in samples])
         mask = F.avg_pool2d(alpha, factor).to(device)  # exact area average to latent size
         with torch.no_grad():
             latents = pipe.vae.encode(pixels).latent_dist.mode() * scaling
         noise = torch.randn(latents.shape, generator=gen).to(device=device, dtype=dtype)
-        timesteps = torch.randint(0, n_train, (settings.batch_size,), generator=gen).to(device)
+        t_lo, t_hi = settings.timesteps
+        lo_t, hi_t = int(round(t_lo * (n_train - 1))), int(round(t_hi * (n_train - 1)))
+        timesteps = torch.randint(lo_t, hi_t + 1, (settings.batch_size,), generator=gen).to(device)
         which = torch.randint(0, len(templates), (settings.batch_size,), generator=gen)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         if prediction == "v_prediction":
@@ -165,6 +186,7 @@ def _train_steps(
             target = noise
         return noisy, timesteps, target, mask, [ids[which.to(device)] for ids in template_ids]
 
+    limit = None if settings.max_norm is None else settings.max_norm * word_norm(pipe, text, family)
     losses: list[float] = []
     encoders = [getattr(pipe, slot.encoder) for slot in family.text_encoders]
     bases = [encoder.get_input_embeddings() for encoder in encoders]
@@ -189,6 +211,9 @@ def _train_steps(
                 param.grad = grad
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if limit is not None:  # projected back onto the ball: Adam's state is kept
+                    with torch.no_grad():
+                        param.mul_((limit / param.norm().clamp_min(1e-12)).clamp(max=1.0))
             losses.append(float(loss.detach()))
             report(Progress(phase, step + 1, settings.steps))
     finally:
@@ -206,15 +231,20 @@ def train_embedding(
     settings: InversionSettings | None = None,
     report: ProgressCallback | None = None,
     cancel: CancelFlag | None = None,
+    canvas_side: int | None = None,
 ) -> InversionResult:
     """Learn one embedding for an RGBA layer image and its text (no cache); the shared model is
-    left exactly as it was. For tests, benchmarks and tools; `appearance_tokens` is the normal way."""
+    left exactly as it was. For tests, benchmarks and tools; `appearance_tokens` is the normal way.
+    `canvas_side`: the longer side of the canvas the layer sits on (default: the image's)."""
     settings = settings or recipe.DEFAULT_SETTINGS
     settings.check()
     pipe, family = model.pipeline, model.family
     size = resolved_resolution(pipe, settings)
-    key = cache_key(model.identity, image, text, settings, size, family.id)
+    side = int(canvas_side or max(image.shape[:2]))
+    key = cache_key(model.identity, image, text, settings, size, family.id, side)
     token = placeholder_tokens([key], pipe.tokenizer.get_vocab())[key]
     init = initial_embedding(pipe, text, family)
     with added_tokens(pipe, [token], init[None], family) as (ids, _embeddings):
-        return _train(model, token, ids[0], image, text, init, settings, report or (lambda p: None), cancel)
+        return _train(
+            model, token, ids[0], image, text, init, settings, report or (lambda p: None), cancel, side
+        )
