@@ -10,15 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.eval_pieces import (
-    HELD_OUT_SEED,
-    _composite,
-    configured,
-    edge_recall,
-    make_cases,
-    placed,
-    run,
-)
+from benchmarks.eval_pieces import configured, run
+from benchmarks.held_out import HELD_OUT_SEED, composite_of, edge_recall, make_cases, placed
 from core.options import EngineOptions
 
 STEPS = dict(steps=12, guidance_scale=4.0)
@@ -52,7 +45,7 @@ def test_demo_controlnet_keeps_the_layers_edges(demo_pipeline, layout_cases):
                 case, strength=0.7, layer={"attention_weight": 0.0, "control_weight": weight}, **STEPS
             )
             image, _ = run(demo_pipeline, c, EngineOptions())  # the demo brings its own ControlNet
-            values += [edge_recall(image, _composite(case), m) for m in case.visible]
+            values += [edge_recall(image, composite_of(case), m) for m in case.visible]
         return float(np.mean(values))
 
     without, with_control = recall(0.0), recall(1.0)
@@ -65,7 +58,7 @@ def test_per_layer_strength_keeps_one_layer_and_blends_another(demo_pipeline):
     (high); per-layer strength does both."""
     from dataclasses import replace
 
-    from benchmarks.eval_pieces import harmonization_scores
+    from benchmarks.held_out import harmonization_scores
 
     cases = make_cases(6, HELD_OUT_SEED, "seams")
 
@@ -91,7 +84,7 @@ def test_reference_mode_keeps_an_unnamed_colour(demo_pipeline):
     colour that SDEdit loses (docs/appearance.md: distance -76 % on 20 collages)."""
     from dataclasses import replace
 
-    from benchmarks.eval_pieces import inside_distance
+    from benchmarks.held_out import inside_distance
 
     def distance(mode) -> float:
         values = []

@@ -172,7 +172,8 @@ def test_the_plugin_names_the_flat_layer_as_core_does():
 @pytest.mark.usefixtures("one_torch_thread")
 def test_the_fill_is_nearer_the_surroundings_than_the_object(demo_pipeline):
     """A fixed slice of benchmarks/eval_pieces.py's "layers" measure on held-out demo collages."""
-    from benchmarks.eval_pieces import HELD_OUT_SEED, configured, fill_distances, make_cases
+    from benchmarks.eval_pieces import configured, fill_distances
+    from benchmarks.held_out import HELD_OUT_SEED, make_cases
     from core.generate import generate
 
     values = []
