@@ -1,8 +1,8 @@
 """The plugin inside real Krita: run by ``kritarunner -s krita_suite`` (tests/test_plugin_krita.py).
 
 kritarunner runs one module per Krita start: this one imports the checks (checks_reading.py,
-checks_generating.py, checks_jobs.py; shared helpers in suite_common.py) and runs them all in one
-start.
+checks_generating.py, checks_dock_choices.py, checks_jobs.py; shared helpers in
+suite_common.py) and runs them all in one start.
 
 Environment:
     COLLAGE_TEST_REPORT   where to write the JSON report (required)
@@ -24,6 +24,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import checks_dock_choices
 import checks_generating
 import checks_jobs
 import checks_reading
@@ -31,7 +32,7 @@ from harness import Skip, run_check  # beside this module
 from suite_common import CHECKS, krita
 
 #: The check modules (each registers its checks on import), in the order they run.
-MODULES = (checks_reading, checks_generating, checks_jobs)
+MODULES = (checks_reading, checks_generating, checks_dock_choices, checks_jobs)
 
 # -- running ---------------------------------------------------------------------------------------------
 
