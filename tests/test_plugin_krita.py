@@ -123,9 +123,24 @@ def krita_report(demo_model_dir, tiny_sdxl_dir, tmp_path_factory):
             COLLAGE_TEST_LOCAL_PORT=str(harness.free_port()),
         )
         t = time.monotonic()
-        done = subprocess.run(
-            [KRITARUNNER, "-s", "krita_suite"], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT
-        )
+        try:
+            done = subprocess.run(
+                [KRITARUNNER, "-s", "krita_suite"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                cwd=ROOT,
+            )
+        except subprocess.TimeoutExpired as timeout:  # say which check it was stuck in
+            out = (
+                timeout.stdout.decode(errors="replace")
+                if isinstance(timeout.stdout, bytes)
+                else timeout.stdout
+            )
+            pytest.fail(
+                f"Krita did not finish in {timeout.timeout:.0f} s; its output so far:\n{(out or '')[-6000:]}"
+            )
     output = done.stdout[-6000:] + done.stderr[-4000:]
     if not report.exists():
         pytest.fail(f"Krita wrote no report (exit code {done.returncode}):\n{output}")

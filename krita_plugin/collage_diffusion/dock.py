@@ -184,7 +184,9 @@ class CollagePanel(W.QWidget):
     def refresh(self) -> None:
         """Follow the active document and its layer list (called every 1.5 s and on demand)."""
         doc = self.host.active_document()
-        key = document.document_key(doc) if doc is not None else ""
+        key = document.document_key(doc)
+        if not key:  # none, or closed (a script or a test may still hold a closed one)
+            doc = None
         if key != self.doc_key:
             self.set_document(doc)
             return

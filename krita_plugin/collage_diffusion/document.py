@@ -412,5 +412,7 @@ def save_settings(doc, settings) -> bool:
 
 
 def document_key(doc) -> str:
-    """Identifies an open document for as long as it is open (its root node's uniqueId)."""
-    return uid_of(doc.rootNode())
+    """Identifies an open document for as long as it is open (its root node's uniqueId); "" for a
+    document that has been closed (Krita then gives it no root node)."""
+    root = doc.rootNode() if doc is not None else None
+    return uid_of(root) if root is not None else ""

@@ -18,6 +18,7 @@ from suite_common import (
     make_model,
     scratch,
     set_prompt,
+    settle,
 )
 
 
@@ -65,6 +66,7 @@ def dock_model_and_loras_saved_and_sent(report):
     finally:
         doc.close()
     doc = krita().openDocument(str(path))
+    settle(doc)  # its vector layer rasterizes from the event loop: else it may read as empty
     try:
         stored = document.load_settings(doc)
         assert_eq(
@@ -182,6 +184,7 @@ def dock_clip_skip_and_controlnet_saved_and_sent(report):
             raise AssertionError("clip skip 2 chosen in the dock did not change the picture")
         assert_eq(m.choose_controlnet("random-edges"), True, "random-edges chosen")
         with_net = generate_in_panel(panel)
+        sent_before = panel.model._plan.request.to_json()
         assert_eq(panel.model._plan.request.controlnet, "random-edges", "ControlNet in the request")
         assert_eq(job_on_bridge(panel.model).state, "done", "the bridge ran the job")
         if with_net == skip2:
@@ -192,6 +195,7 @@ def dock_clip_skip_and_controlnet_saved_and_sent(report):
     finally:
         doc.close()
     doc = krita().openDocument(str(path))
+    settle(doc)  # its vector layer rasterizes from the event loop: else it may read as empty
     try:
         stored = document.load_settings(doc)
         assert_eq(
@@ -205,8 +209,27 @@ def dock_clip_skip_and_controlnet_saved_and_sent(report):
             ("2", "random-edges"),
             "dock after reopening",
         )
-        assert_eq(generate_in_panel(panel) == with_net, True, "the same picture after reopening")
+        again = generate_in_panel(panel)
+        # The same request after reopening (settings, layers, seed), and so the same picture.
+        sent_after = panel.model._plan.request.to_json()
+        if sent_after != sent_before:
+            import json
+
+            a, b = json.loads(sent_before), json.loads(sent_after)
+            diff = {
+                k: (str(a.get(k))[:60], str(b.get(k))[:60])
+                for k in a
+                if k != "layers" and a.get(k) != b.get(k)
+            }
+            for i, (x, y) in enumerate(zip(a["layers"], b["layers"], strict=False)):
+                diff.update(
+                    {f"layers[{i}].{k}": (str(x[k])[:40], str(y.get(k))[:40]) for k in x if x[k] != y.get(k)}
+                )
+            raise AssertionError(f"the request changed after reopening: {diff}")
+        assert_eq(again == with_net, True, "the same picture after reopening")
         panel.shutdown()
-        report["detail"] = f"clip skip 2 + random-edges, saved in {path.name} and restored"
+        report["detail"] = (
+            f"clip skip 2 + random-edges, saved in {path.name} and restored, the same picture again"
+        )
     finally:
         doc.close()

@@ -239,6 +239,7 @@ def regenerate_after_reopen_uses_the_result_layer(report):
     if not path.exists():
         raise Skip("needs generate_writes_new_layers' document")
     doc = krita().openDocument(str(path))
+    settle(doc)  # its vector layer rasterizes from the event loop: else it may read as empty
     doc.setBatchmode(True)
     try:
         model = CollageModel(os.environ["COLLAGE_TEST_BRIDGE"])

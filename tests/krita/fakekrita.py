@@ -169,7 +169,11 @@ class Doc:
         return self._h
 
     def rootNode(self):  # noqa: N802
-        return self._root
+        return self._root  # None once closed, as Krita's
+
+    def close(self):
+        self._root = None
+        return True
 
     def colorModel(self):  # noqa: N802
         return "RGBA"

@@ -163,6 +163,9 @@ def dock_panel(report):
     qt.spin(lambda: False, 50)
     if panel.grab().isNull():
         raise AssertionError("the panel does not render")
+    doc.close()  # a document closed while the dock still shows it: the dock lets it go
+    panel.refresh()
+    eq((panel.doc, panel.rows), (None, {}), "closed document let go")
     panel.shutdown()
 
 
