@@ -94,7 +94,8 @@ class ModelCatalog:
         # Exactly the families whose jobs `may_have_ip_adapter` accepts, so the dock offers the
         # look where the bridge takes it (an adapter of no known family, e.g. for the demo model,
         # counts for every family: the engine checks its width when the job runs).
-        fields["ip_adapter_families"] = [f for f in FAMILIES if self.may_have_ip_adapter(f)]
+        known, any_width = self._ip_adapter_reach()
+        fields["ip_adapter_families"] = list(FAMILIES) if any_width else known
         return fields
 
     def ip_adapter(self, model) -> IPAdapterFiles | None:
@@ -105,14 +106,19 @@ class ModelCatalog:
         """Whether a job for a model of this family ("" unknown) may use an IP-Adapter: the library
         has one for the family, or one for a width no family has (small test models), which the
         engine checks against the loaded model when the job runs."""
+        known, any_width = self._ip_adapter_reach()
+        return any_width or family_id in known
+
+    def _ip_adapter_reach(self) -> tuple[list[str], bool]:
+        """(the families the library has an IP-Adapter and a fitting image encoder for, whether
+        it has an adapter of a width no family has and some image encoder), read once per call."""
         if self.library is None:
-            return False
-        if family_id in ip_adapter_families(self.library):
-            return True
+            return [], False
         listing = self.library.listing()
-        return any(
+        any_width = any(
             e.usable and e.family is None and e.ip_adapter is not None for e in listing[IPADAPTER]
         ) and bool(listing[CLIP_VISION])
+        return ip_adapter_families(self.library), any_width
 
     def find_lora(self, name: str) -> LibraryEntry | None:
         """The usable library LoRA by this name (rescanning once when it is not listed)."""

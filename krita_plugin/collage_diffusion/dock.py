@@ -170,7 +170,7 @@ class CollagePanel(W.QWidget):
         if self._save_timer.isActive():
             self.save_settings()
         self.doc = doc
-        self.doc_key = document.document_key(doc) if doc is not None else ""
+        self.doc_key = document.document_key(doc)
         self.settings = document.load_settings(doc) if doc is not None else DocumentSettings()
         if doc is not None and not self.model.busy:  # a preview layer saved into the file mid-job
             preview_layer.remove_stale(doc, self.settings.results_group)

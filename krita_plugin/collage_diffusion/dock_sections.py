@@ -124,6 +124,8 @@ class LayersSection(W.QGroupBox):
 
     def offer_ip_adapter(self, why_not: str) -> None:
         """Offer the "ip-adapter" look in every row ("") or grey it out with why."""
+        if why_not == self.ip_adapter_why_not:
+            return  # asked on every edit in the dock; rows built later take it in show_layers
         self.ip_adapter_why_not = why_not
         for row in self.rows.values():
             row.offer_ip_adapter(why_not)

@@ -14,11 +14,11 @@ from suite_common import (
     decode_bgra,
     generate_in_panel,
     job_on_bridge,
-    krita,
     make_model,
+    reopen,
+    save_as,
     scratch,
     set_prompt,
-    settle,
 )
 
 
@@ -61,12 +61,10 @@ def dock_model_and_loras_saved_and_sent(report):
         sent = panel.model._plan.request.loras
         assert_eq(sent, [{"name": "ink.safetensors", "weight": 0.8}], "LoRAs in the request")
         panel.shutdown()
-        if not doc.saveAs(str(path)):
-            raise AssertionError(f"saving {path} failed")
+        save_as(doc, path)
     finally:
         doc.close()
-    doc = krita().openDocument(str(path))
-    settle(doc)  # its vector layer rasterizes from the event loop: else it may read as empty
+    doc = reopen(path)
     try:
         stored = document.load_settings(doc)
         assert_eq(
@@ -190,12 +188,10 @@ def dock_clip_skip_and_controlnet_saved_and_sent(report):
         if with_net == skip2:
             raise AssertionError("the ControlNet chosen in the dock did not change the picture")
         panel.shutdown()
-        if not doc.saveAs(str(path)):
-            raise AssertionError(f"saving {path} failed")
+        save_as(doc, path)
     finally:
         doc.close()
-    doc = krita().openDocument(str(path))
-    settle(doc)  # its vector layer rasterizes from the event loop: else it may read as empty
+    doc = reopen(path)
     try:
         stored = document.load_settings(doc)
         assert_eq(

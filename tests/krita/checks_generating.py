@@ -16,10 +16,11 @@ from suite_common import (
     check,
     decode_bgra,
     fingerprint,
-    krita,
     make_model,
     outside_box,
+    reopen,
     result_layers,
+    save_as,
     scratch,
     set_prompt,
     settle,
@@ -82,8 +83,7 @@ def generate_writes_new_layers(report):
             [r.name for r in records], [e[0] for e in EXPECTED], "results group left out of the collage"
         )
         path = scratch() / "generated.kra"
-        if not doc.saveAs(str(path)):
-            raise AssertionError("saving after generate failed")
+        save_as(doc, path)
     finally:
         doc.close()
 
@@ -238,8 +238,7 @@ def regenerate_after_reopen_uses_the_result_layer(report):
     path = scratch() / "generated.kra"
     if not path.exists():
         raise Skip("needs generate_writes_new_layers' document")
-    doc = krita().openDocument(str(path))
-    settle(doc)  # its vector layer rasterizes from the event loop: else it may read as empty
+    doc = reopen(path)
     doc.setBatchmode(True)
     try:
         model = CollageModel(os.environ["COLLAGE_TEST_BRIDGE"])

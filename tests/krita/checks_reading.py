@@ -13,6 +13,8 @@ from suite_common import (
     fingerprint,
     krita,
     paint,
+    reopen,
+    save_as,
     scratch,
     set_prompt,
     settle,
@@ -178,11 +180,10 @@ def settings_survive_save_and_reopen(report):
         settings.update_layers(resolved)
         document.save_settings(doc, settings)
         saved = settings.to_dict()
-        if not doc.saveAs(str(path)):
-            raise AssertionError(f"saving {path} failed")
+        save_as(doc, path)
     finally:
         doc.close()
-    doc = krita().openDocument(str(path))
+    doc = reopen(path)
     try:
         again = document.load_settings(doc)
         assert_eq(again.to_dict(), saved, "settings after reopening")

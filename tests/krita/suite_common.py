@@ -113,6 +113,19 @@ EXPECTED = [
 ]
 
 
+def save_as(doc, path: Path) -> None:
+    if not doc.saveAs(str(path)):
+        raise AssertionError(f"saving {path} failed")
+
+
+def reopen(path: Path):
+    """A saved document opened again and settled: its vector layer rasterizes from the event
+    loop, and read at once it may come back empty."""
+    doc = krita().openDocument(str(path))
+    settle(doc)
+    return doc
+
+
 def user_nodes(doc):
     """Every node of the document outside the results group, depth first."""
     from collage_diffusion import document
